@@ -1,0 +1,59 @@
+"""The `megatron-mole` command line.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; this file only lists them. A subcommand whose module is not
+present is simply not offered, so ``megatron-mole --help`` lists what exists.
+Modules are imported only for the subcommand that runs (Megatron-core's import
+costs seconds).
+"""
+import argparse
+import importlib
+import importlib.util
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS = {
+    "smoke": ("megatron_mole.runtime.smoke", "CPU/GPU smoke run of a tiny Megatron GPT (forward+backward)"),
+    "convert": ("megatron_mole.checkpoint.cli", "convert base checkpoints Hugging Face <-> Megatron-core"),
+    "verify": ("megatron_mole.checkpoint.verify", "compare Megatron and transformers logits (fp32)"),
+    "export": ("megatron_mole.checkpoint.export_cli", "export trained adapters for Hugging Face"),
+    "train": ("megatron_mole.training.cli", "fine-tune MoLE adapters (run under torchrun)"),
+    "quickstart": ("megatron_mole.training.quickstart", "tiny end-to-end run on CPU: build, convert, train, export"),
+    "bench": ("megatron_mole.bench", "benchmarks: layer cost, dispatch cost"),
+    "analyze": ("megatron_mole.analysis.cli", "router statistics of a trained adapter"),
+}
+
+
+def _available():
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if found:
+            yield name, module, help_text
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="megatron-mole", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module, help_text in _available():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0].startswith("-"):
+        args = parser.parse_args(argv)
+        parser.print_help()
+        return 0
+    name = argv[0]
+    commands = {n: m for n, m, _ in _available()}
+    if name not in commands:
+        parser.error(f"unknown command {name!r}; choose from {', '.join(commands)}")
+    module = importlib.import_module(commands[name])
+    sub = argparse.ArgumentParser(prog=f"megatron-mole {name}", description=SUBCOMMANDS[name][1])
+    module.add_arguments(sub)
+    return int(module.run(sub.parse_args(argv[1:])) or 0)

@@ -1,0 +1,32 @@
+"""megatron_mole: sparse Mixtures of LoRA Experts for Megatron-core.
+
+Install torch first (``pip install torch==2.13.0`` on CPU machines), then
+``pip install -e .[test]``: an open torch range may otherwise pull a CUDA build.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_mole",
+    version="0.1.0",
+    description="Mixture of LoRA Experts (MoLE) adapters for Megatron-core: TP/PP/EP, converters, training",
+    packages=find_packages(include=["megatron_mole", "megatron_mole.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16,<0.17",
+        "transformers>=4.45",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest", "peft"],
+        # NVIDIA apex and Transformer Engine are optional GPU accelerators. They are
+        # not on PyPI under those names (PyPI's "apex" is an unrelated web package):
+        # build NVIDIA apex from its repository and install transformer-engine[pytorch]
+        # following NVIDIA's instructions. Nothing in megatron_mole requires them.
+        "gpu": [],
+    },
+    entry_points={"console_scripts": ["megatron-mole=megatron_mole.cli:main"]},
+)
