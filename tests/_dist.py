@@ -1,0 +1,96 @@
+"""Run a test body in N gloo processes on this machine.
+
+``run_distributed(fn, world_size, *args)`` spawns ``world_size`` processes with
+the torchrun environment set (loopback, a free port), calls ``fn(*args)`` in each,
+and returns the per-rank results in rank order. A failure in any rank raises here
+with that rank's traceback; a rank that does not finish within ``timeout`` seconds
+fails the run (and every process is killed). ``fn`` must be a top-level function of
+an importable module (spawn pickles it by name).
+
+Processes are started with one intra-op thread each: the CI machine has 2 cores.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_lib
+import socket
+import time
+import traceback
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(rank, world_size, port, fn, args, results):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
+    )
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(1)
+    # Megatron warns about missing apex/TE and CUDA settings in every rank.
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        value = fn(*args)
+        results.put((rank, True, value))
+    except BaseException:  # report everything, including SystemExit from a CLI
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            from megatron_mole import runtime
+
+            runtime.shutdown()
+        except Exception:
+            pass
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 300.0):
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_child, args=(rank, world_size, port, fn, args, results), daemon=False)
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outcome = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outcome) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(outcome))
+                raise TimeoutError(f"ranks {missing} did not finish within {timeout:.0f}s")
+            try:
+                rank, ok, value = results.get(timeout=min(remaining, 1.0))
+            except queue_lib.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outcome]
+                if dead:
+                    raise RuntimeError(
+                        f"ranks {dead} died with exit codes {[procs[r].exitcode for r in dead]}"
+                    )
+                continue
+            if not ok:
+                raise RuntimeError(f"rank {rank} of {world_size} failed:\n{value}")
+            outcome[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10 if len(outcome) == world_size else 0.1)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [outcome[r] for r in range(world_size)]
