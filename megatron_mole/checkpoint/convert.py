@@ -1,0 +1,266 @@
+"""Converters Hugging Face <-> Megatron-core distributed checkpoints, exact in both directions.
+
+``hf_to_mcore`` builds Megatron's GPTModel at TP1/PP1/EP1 in one CPU process as the
+output buffer, validates every Hugging Face tensor's shape and dtype from the safetensors
+headers before reading any data, then streams: one rule instance (a layer's q/k/v, an
+expert's gate/up) is read, transformed and copied into the model at a time, so memory
+holds the model plus about one layer. ``dist_checkpointing.save`` then writes torch_dist,
+which ``load_model`` reshards to any TP/PP/EP.
+
+``mcore_to_hf`` loads that checkpoint into the same model and writes back exactly what
+was read: the same keys in the same files, each tensor in the dtype it had, the original
+index metadata, and the config/tokenizer files byte for byte. It holds one output shard
+of Hugging Face tensors at a time.
+
+Both write into a temporary directory next to the output and rename it into place only
+when complete; on any error nothing is left behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict, List, Optional
+
+import torch
+
+from megatron_mole.checkpoint import keymaps
+from megatron_mole.checkpoint.hf_io import (
+    CheckpointError,
+    HFCheckpoint,
+    INDEX_NAME,
+    copy_side_files,
+    dtype_from_name,
+    dtype_name,
+    write_shards,
+)
+from megatron_mole.checkpoint.mcore import (
+    DIST_DIR,
+    HF_DIR,
+    SPEC_NAME,
+    _load_into,
+    build_gpt_model,
+    read_spec,
+    single_process_runtime,
+)
+from megatron_mole.checkpoint.spec import check_layout, spec_from_hf_config
+
+__all__ = ["hf_to_mcore", "mcore_to_hf", "atomic_output_dir"]
+
+FORMAT = "megatron_mole.base/1"
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str, overwrite: bool = False):
+    """Yield a temporary directory beside ``out_dir``; rename it into place on success."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"output directory {out_dir} already exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(out_dir):
+            # Move the old output aside first so a failure here never loses both.
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "x"))
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _expert_layout(ckpt: HFCheckpoint, mlp_kind: str) -> str:
+    if mlp_kind == "dense":
+        return "per_expert"
+    fused = any(k.endswith("mlp.experts.gate_up_proj") for k in ckpt.keys())
+    return "fused" if fused else "per_expert"
+
+
+def _instances(spec, rules, num_layers):
+    """All rule instances in streaming order: embeddings, layer 0..L-1, then the rest."""
+    flags, experts = spec["flags"], spec["shapes"]["num_experts"]
+    head = keymaps.expand_rules(rules, flags, None, experts)
+    first = [i for i in head if i.mcore[0].startswith("embedding.")]
+    last = [i for i in head if not i.mcore[0].startswith("embedding.")]
+    layers = [i for layer in range(num_layers) for i in keymaps.expand_rules(rules, flags, layer, experts)]
+    return first + layers + last
+
+
+def _expected_hf_shapes(instance, params, ctx) -> List[List[int]]:
+    metas = [torch.empty(params[name].shape, device="meta") for name in instance.mcore]
+    return [list(t.shape) for t in keymaps.apply_to_hf(instance, metas, ctx)]
+
+
+def _load_hf_config(hf_dir):
+    from transformers import AutoConfig
+
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{hf_dir}: config.json is missing")
+    try:
+        return AutoConfig.from_pretrained(hf_dir)
+    except (KeyError, ValueError) as err:
+        with open(path) as f:
+            raw = json.load(f)
+        raise CheckpointError(
+            f"{path}: unknown architecture model_type={raw.get('model_type')!r} "
+            f"(architectures={raw.get('architectures')}): {err}"
+        ) from err
+
+
+def _resolve_dtype(ckpt: HFCheckpoint, keys, dtype: Optional[str]) -> torch.dtype:
+    if dtype is not None:
+        return dtype_from_name(dtype)
+    found = {}
+    for key in keys:
+        found.setdefault(ckpt.dtype(key), key)
+    if len(found) > 1:
+        listing = ", ".join(f"{k!r} is {dtype_name(d)}" for d, k in found.items())
+        raise CheckpointError(f"the checkpoint mixes dtypes ({listing}); pass --dtype to choose one")
+    return next(iter(found))
+
+
+def hf_to_mcore(
+    hf_dir: str,
+    out_dir: str,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    dtype: Optional[str] = None,
+    overwrite: bool = False,
+    vocab_divisor: int = 128,
+) -> Dict:
+    """Convert a Hugging Face model directory into a Megatron-core distributed checkpoint.
+
+    tp/pp/ep: the layout the checkpoint is meant for (the vocabulary is padded for ``tp``
+    and the sizes are checked); the checkpoint itself loads at any layout these divide.
+    dtype: the Megatron parameter dtype (default: the checkpoint's own).
+    """
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"output directory {os.path.abspath(out_dir)} already exists "
+                              f"(pass --overwrite to replace it)")
+    hf_config = _load_hf_config(hf_dir)
+    spec = spec_from_hf_config(hf_config, tp=tp, vocab_divisor=vocab_divisor)
+    check_layout(spec, tp, pp, ep)
+    from megatron.core import dist_checkpointing
+
+    with HFCheckpoint(hf_dir) as ckpt:
+        layout = _expert_layout(ckpt, spec["mlp_kind"])
+        rules = keymaps.rules_for(spec["mlp_kind"], layout)
+        instances = _instances(spec, rules, spec["transformer"]["num_layers"])
+        used = [k for inst in instances for k in inst.hf if k in ckpt.weight_map]
+        params_dtype = _resolve_dtype(ckpt, used, dtype)
+        spec["params_dtype"] = dtype_name(params_dtype)
+        single_process_runtime()
+        model = build_gpt_model(spec, params_dtype)
+        params = dict(model.named_parameters())
+        _check_hf_tensors(ckpt, instances, params, spec["shapes"])
+        hf_dtypes = {}
+        with torch.no_grad():
+            for inst in instances:
+                hf_tensors = []
+                for key in inst.hf:
+                    hf_dtypes[key] = dtype_name(ckpt.dtype(key))
+                    hf_tensors.append(ckpt.get(key).to(params_dtype))
+                for name, tensor in zip(inst.mcore, keymaps.apply_to_mcore(inst, hf_tensors, spec["shapes"])):
+                    params[name].copy_(tensor)
+                del hf_tensors
+        spec["hf"] = {
+            "weight_map": ckpt.weight_map,
+            "indexed": ckpt.index_metadata is not None or os.path.exists(os.path.join(hf_dir, INDEX_NAME)),
+            "index_metadata": ckpt.index_metadata,
+            "file_metadata": ckpt.file_metadata,
+            "dtypes": hf_dtypes,
+            "expert_layout": layout,
+            "architectures": list(getattr(hf_config, "architectures", None) or []),
+        }
+        spec["format"] = FORMAT
+        spec["converted_for"] = {"tp": tp, "pp": pp, "ep": ep}
+        with atomic_output_dir(out_dir, overwrite) as tmp:
+            os.makedirs(os.path.join(tmp, DIST_DIR))
+            dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, DIST_DIR))
+            copy_side_files(hf_dir, os.path.join(tmp, HF_DIR))
+            with open(os.path.join(tmp, SPEC_NAME), "w") as f:
+                json.dump(spec, f, indent=2)
+                f.write("\n")
+    return spec
+
+
+def _check_hf_tensors(ckpt: HFCheckpoint, instances, params, shapes):
+    """Every needed tensor present with the right shape, no tensor left unused."""
+    assigned = set()
+    for inst in instances:
+        for key, expected in zip(inst.hf, _expected_hf_shapes(inst, params, shapes)):
+            if key not in ckpt.weight_map:
+                raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {ckpt.directory}")
+            found = ckpt.shape(key)
+            if found != expected:
+                raise CheckpointError(
+                    f"tensor {key!r} in {ckpt.file_of(key)} has shape {found}; the config implies {expected}"
+                )
+            if not ckpt.dtype(key).is_floating_point:
+                raise CheckpointError(f"tensor {key!r} in {ckpt.file_of(key)} has non-float dtype {ckpt.dtype(key)}")
+        assigned.update(inst.mcore)
+    unused = [k for k in ckpt.keys() if k not in {h for i in instances for h in i.hf}
+              and not any(p.search(k) for p in keymaps.IGNORED_HF_KEYS)]
+    if unused:
+        raise CheckpointError(
+            f"{len(unused)} tensors of {ckpt.directory} have no place in the Megatron model, e.g. "
+            f"{unused[:5]} (in {ckpt.file_of(unused[0])}); the config and the weights disagree"
+        )
+    missing = sorted(set(params) - assigned)
+    if missing:
+        raise CheckpointError(f"no Hugging Face tensor maps to Megatron parameters {missing[:5]}")
+
+
+def mcore_to_hf(mcore_dir: str, out_dir: str, overwrite: bool = False) -> Dict:
+    """Write a converted Megatron checkpoint back as the Hugging Face files it came from."""
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"output directory {os.path.abspath(out_dir)} already exists "
+                              f"(pass --overwrite to replace it)")
+    spec = read_spec(mcore_dir)
+    hf = spec.get("hf")
+    if spec.get("format") != FORMAT or not hf:
+        raise CheckpointError(f"{os.path.join(mcore_dir, SPEC_NAME)}: format {spec.get('format')!r}, "
+                              f"expected {FORMAT!r} with its 'hf' section")
+    single_process_runtime()
+    model = build_gpt_model(spec, dtype_from_name(spec["params_dtype"]))
+    _load_into(model, os.path.join(mcore_dir, DIST_DIR))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    rules = keymaps.rules_for(spec["mlp_kind"], hf["expert_layout"])
+    by_key = {}
+    for inst in _instances(spec, rules, spec["transformer"]["num_layers"]):
+        for key in inst.hf:
+            by_key[key] = inst
+
+    def produce(keys):
+        out = {}
+        for key in keys:
+            if key in out:
+                continue
+            inst = by_key.get(key)
+            if inst is None:
+                raise CheckpointError(f"tensor {key!r} of the recorded weight map has no rule (ignored buffer?)")
+            values = keymaps.apply_to_hf(inst, [params[n] for n in inst.mcore], spec["shapes"])
+            for name, value in zip(inst.hf, values):
+                if name in keys:
+                    out[name] = value.to(dtype_from_name(hf["dtypes"][name]))
+        return out
+
+    files: Dict[str, List[str]] = {}
+    for key, name in hf["weight_map"].items():
+        if key in by_key:  # ignored buffers (rotary inv_freq) are not written back
+            files.setdefault(name, []).append(key)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        write_shards(tmp, files, produce, hf.get("file_metadata"), hf.get("index_metadata"), hf["indexed"])
+        src = os.path.join(mcore_dir, HF_DIR)
+        if os.path.isdir(src):
+            copy_side_files(src, tmp)
+    return spec

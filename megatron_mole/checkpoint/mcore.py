@@ -1,0 +1,172 @@
+"""Megatron-core side of a converted base: build the GPTModel, save and load it.
+
+A converted directory holds::
+
+    mcore_config.json   the model spec (TransformerConfig fields, GPTModel arguments,
+                        key-map flags) and what export needs to write the HF files back
+    dist_ckpt/          megatron.core.dist_checkpointing, torch_dist format
+    hf/                 the source's config, tokenizer and generation files, verbatim
+
+The model is Megatron-core's own ``GPTModel`` from ``get_gpt_layer_local_spec`` (MoE:
+its SequentialMLP experts), so the checkpoint loads at any TP/PP/EP: the sharded state
+dict of the model built for the current layout tells ``dist_checkpointing`` which
+slices each rank needs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_mole.checkpoint.hf_io import CheckpointError, dtype_from_name
+from megatron_mole.checkpoint.spec import check_layout
+
+__all__ = ["SPEC_NAME", "DIST_DIR", "HF_DIR", "read_spec", "build_gpt_model", "load_model", "single_process_runtime"]
+
+SPEC_NAME = "mcore_config.json"
+DIST_DIR = "dist_ckpt"
+HF_DIR = "hf"
+_ACTIVATIONS = {"silu": F.silu}
+
+
+def read_spec(mcore_dir: str) -> Dict[str, Any]:
+    path = os.path.join(mcore_dir, SPEC_NAME)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{mcore_dir} is not a converted Megatron checkpoint: {SPEC_NAME} is missing")
+    with open(path) as f:
+        spec = json.load(f)
+    if not os.path.isdir(os.path.join(mcore_dir, DIST_DIR)):
+        raise CheckpointError(f"{mcore_dir}: the distributed checkpoint folder {DIST_DIR}/ is missing")
+    return spec
+
+
+def _layout():
+    from megatron.core import parallel_state as ps
+
+    return (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_expert_model_parallel_world_size(),
+        ps.get_expert_tensor_parallel_world_size(),
+    )
+
+
+def build_gpt_model(
+    spec: Dict[str, Any],
+    params_dtype: torch.dtype,
+    device: Optional[torch.device] = None,
+    config_overrides: Optional[Dict[str, Any]] = None,
+):
+    """Megatron's GPTModel for ``spec`` at the current parallel layout, weights not initialised.
+
+    Parameters are allocated on ``device`` (CPU when None): on CPU through Megatron's
+    ``use_cpu_initialization``, on CUDA on the current device as Megatron usually does.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    tp, pp, ep, etp = _layout()
+    check_layout(spec, tp, pp, ep)
+    fields = dict(spec["transformer"])
+    if fields.get("window_size") is not None:
+        fields["window_size"] = tuple(fields["window_size"])
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    moe = bool(fields.get("num_moe_experts"))
+    if moe and on_cpu:
+        # Megatron's alltoall dispatcher does not run on gloo (DESIGN §4); allgather does.
+        fields["moe_token_dispatcher_type"] = "allgather"
+    fields.update(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+        # Megatron requires sequence parallelism for MoE layers with TP > 1.
+        sequence_parallel=moe and tp > 1,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype if pp > 1 else None,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        activation_func=_ACTIVATIONS[spec["activation"]],
+        use_cpu_initialization=on_cpu,
+        # Weights come from the checkpoint: skip Megatron's (slow, layout-dependent) init.
+        perform_initialization=False,
+    )
+    fields.update(config_overrides or {})
+    config = TransformerConfig(**fields)
+    layer_spec = get_gpt_layer_local_spec(
+        num_experts=fields.get("num_moe_experts"),
+        moe_grouped_gemm=bool(fields.get("moe_grouped_gemm", False)),
+        normalization="RMSNorm",
+    )
+    gpt = dict(spec["gpt"])
+    model = GPTModel(
+        config,
+        layer_spec,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=True),
+        **gpt,
+    )
+    if not on_cpu:
+        model.to(device)
+    return model
+
+
+def single_process_runtime():
+    """Start (or reuse) a one-process CPU runtime at TP1/PP1/EP1 for conversion."""
+    from megatron_mole import runtime
+
+    if not runtime.is_initialized():
+        return runtime.init_distributed(tp=1, pp=1, ep=1, device="cpu")
+    info = runtime.get_runtime()
+    if info.world_size != 1 or (info.tp, info.pp, info.ep) != (1, 1, 1):
+        raise RuntimeError(
+            f"conversion runs in one process at tp=pp=ep=1; this runtime has world size {info.world_size}, "
+            f"tp={info.tp}, pp={info.pp}, ep={info.ep}"
+        )
+    return info
+
+
+def _load_into(model, ckpt_dir: str):
+    from megatron.core import dist_checkpointing
+
+    try:
+        state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
+    except Exception as err:
+        raise CheckpointError(f"cannot load the distributed checkpoint {ckpt_dir}: {err}") from err
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(
+    mcore_dir: str,
+    params_dtype: Optional[torch.dtype] = None,
+    config_overrides: Optional[Dict[str, Any]] = None,
+    device: Optional[torch.device] = None,
+):
+    """Build the GPTModel of a converted checkpoint at the current layout and load it.
+
+    Call under :func:`megatron_mole.init_distributed`. ``params_dtype`` casts the loaded
+    weights (e.g. ``torch.float32`` to verify a bf16 checkpoint); ``config_overrides``
+    replaces TransformerConfig fields (fusions on GPUs, recomputation, dispatcher).
+    """
+    from megatron_mole import runtime
+
+    spec = read_spec(mcore_dir)
+    if device is None:
+        device = runtime.get_device()
+    saved_dtype = dtype_from_name(spec["params_dtype"])
+    model = build_gpt_model(spec, saved_dtype, device=device, config_overrides=config_overrides)
+    _load_into(model, os.path.join(mcore_dir, DIST_DIR))
+    if params_dtype is not None and params_dtype != saved_dtype:
+        # Build at the saved dtype and cast after loading: bit-exact for widening casts.
+        model.to(params_dtype)
+        model.config.params_dtype = params_dtype
+        model.config.bf16 = params_dtype == torch.bfloat16
+        model.config.fp16 = params_dtype == torch.float16
+        if model.config.pipeline_dtype is not None:
+            model.config.pipeline_dtype = params_dtype
+    return model
