@@ -1,6 +1,7 @@
 """Tiny Megatron-core GPT models and a training loop for parity tests.
 
-Legend: B batch, S sequence, V vocabulary.
+``build_gpt``, ``make_batches`` and ``train`` come from the smoke command
+(:mod:`megatron_mole.runtime.smoke`); this file adds layout-independent init.
 
 * ``build_gpt`` builds Megatron's own ``GPTModel`` from Megatron's own
   ``get_gpt_layer_local_spec`` at the current parallel layout (RMSNorm, GQA,
@@ -22,65 +23,8 @@ import re
 import zlib
 
 import torch
-import torch.nn.functional as F
 
-VOCAB = 128
-SEQ = 16
-
-
-def build_gpt(moe=False, sequence_parallel=False, vocab=VOCAB, seq=SEQ, num_layers=2, **overrides):
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-
-    kwargs = dict(
-        num_layers=num_layers,
-        hidden_size=64,
-        ffn_hidden_size=128,
-        num_attention_heads=4,
-        num_query_groups=2,
-        normalization="RMSNorm",
-        layernorm_epsilon=1e-5,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
-        expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
-        sequence_parallel=sequence_parallel,
-    )
-    if moe:
-        kwargs.update(
-            num_moe_experts=4,
-            moe_router_topk=2,
-            moe_token_dispatcher_type="allgather",
-            moe_aux_loss_coeff=0.0,  # balance losses depend on the micro-batch split
-            moe_grouped_gemm=False,
-            moe_ffn_hidden_size=96,
-        )
-    kwargs.update(overrides)
-    config = TransformerConfig(**kwargs)
-    spec = get_gpt_layer_local_spec(
-        num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm"
-    )
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=vocab,
-        max_sequence_length=seq,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
-    )
-    return model, config
+from megatron_mole.runtime.smoke import SEQ, VOCAB, build_gpt, make_batches, train, wrap_ddp  # noqa: F401
 
 
 _LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
@@ -150,85 +94,3 @@ def seed_full_params(model, seed=0, std=0.02):
             param.copy_(local_shard(param, full, name, gated))
 
 
-def make_batches(steps, global_batch, seq=SEQ, vocab=VOCAB, seed=7):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (steps, global_batch, seq + 1), generator=gen)
-
-
-def wrap_ddp(model, config):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
-    )
-    ddp = DistributedDataParallel(config, ddp_config, model)
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp.no_sync
-    return ddp
-
-
-def _loss_func(loss_mask, output_tensor):
-    losses = output_tensor.float()
-    loss = torch.sum(losses.view(-1) * loss_mask.view(-1)) / loss_mask.sum()
-    # clone: the schedule divides the returned loss in place by the micro-batch count
-    return loss, {"loss": loss.detach().clone()}
-
-
-def train(model, config, batches, lr=0.5, micro_batch_size=1, extra_loss=None):
-    """SGD on the global batches ``batches[step]`` [B, S+1]; returns the per-step mean losses.
-
-    Each data-parallel rank takes its contiguous slice of the global batch and
-    runs it as micro-batches of ``micro_batch_size``.
-    """
-    from functools import partial
-
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    ddp = wrap_ddp(model, config)
-    params = [p for p in ddp.parameters() if p.requires_grad]
-    forward_backward = get_forward_backward_func()
-    losses = []
-    for global_batch in batches:
-        local = global_batch.chunk(dp, 0)[dp_rank]
-        micro = list(local.split(micro_batch_size, 0))
-
-        def forward_step(data_iterator, chunk):
-            tokens = next(data_iterator)
-            inputs, labels = tokens[:, :-1], tokens[:, 1:]
-            position_ids = torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs)
-            out = chunk(inputs, position_ids, None, labels=labels)
-            return out, partial(_loss_func, torch.ones_like(labels, dtype=torch.float32))
-
-        ddp.zero_grad_buffer()
-        reduced = forward_backward(
-            forward_step_func=forward_step,
-            data_iterator=iter(micro),
-            model=[ddp],
-            num_microbatches=len(micro),
-            seq_length=local.shape[1] - 1,
-            micro_batch_size=micro_batch_size,
-            forward_only=False,
-        )
-        with torch.no_grad():
-            for p in params:
-                p.add_(p.main_grad, alpha=-lr)
-        losses.append(_global_mean_loss(reduced))
-    return losses
-
-
-def _global_mean_loss(reduced):
-    """Mean loss over micro-batches and DP ranks, broadcast from the last stage."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    value = torch.zeros(1, dtype=torch.float64)
-    if ps.is_pipeline_last_stage():
-        value += torch.stack([r["loss"] for r in reduced]).double().mean()
-        dist.all_reduce(value, group=ps.get_data_parallel_group())
-        value /= ps.get_data_parallel_world_size()
-    last = ps.get_pipeline_model_parallel_last_rank()
-    dist.broadcast(value, src=last, group=ps.get_pipeline_model_parallel_group())
-    return value.item()

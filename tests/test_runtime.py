@@ -1,0 +1,105 @@
+"""init_distributed: errors on bad input, the CPU runtime's scope, single-process use."""
+import pytest
+
+from tests._dist import run_distributed
+
+
+def _bad_inputs():
+    import torch
+
+    import megatron_mole as mm
+    from megatron_mole.runtime import cpu
+
+    errors = {}
+    for kwargs in (dict(tp=3), dict(tp=2, pp=2), dict(ep=3), dict(device="tpu"), dict(tp=0)):
+        try:
+            mm.init_distributed(**kwargs)
+            errors[str(kwargs)] = None
+        except (ValueError, RuntimeError) as e:
+            errors[str(kwargs)] = str(e)
+    info = mm.init_distributed(tp=2, device="cpu")
+    same = mm.init_distributed(tp=2, device="cpu")
+    try:
+        mm.init_distributed(tp=1, device="cpu")
+        errors["second call"] = None
+    except RuntimeError as e:
+        errors["second call"] = str(e)
+    # the CPU runtime maps Megatron's cuda allocations
+    from megatron.core import tensor_parallel
+
+    x = torch.empty(3, device=torch.cuda.current_device())
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        torch.rand(2)
+    return errors, info.world_size, same is info, x.device.type, sorted(cpu.applied_patches())
+
+
+def test_bad_input_is_named_and_runtime_on_cpu():
+    results = run_distributed(_bad_inputs, 2)
+    errors, world, same, device, patches = results[0]
+    assert world == 2 and same and device == "cpu"
+    assert "world size 2 is not divisible by tp*pp = 3*1" in errors["{'tp': 3}"]
+    assert "tp*pp = 2*2" in errors["{'tp': 2, 'pp': 2}"]
+    assert "etp*ep*pp" in errors["{'ep': 3}"]
+    assert "'tpu'" in errors["{'device': 'tpu'}"]
+    assert "tp must be a positive integer; got 0" in errors["{'tp': 0}"]
+    assert "already called with tp=2" in errors["second call"] and "now asked for tp=1" in errors["second call"]
+    from megatron_mole.runtime.cpu import PATCHES
+
+    assert patches == sorted(p.name for p in PATCHES)
+
+
+def _claims_cuda():
+    """A process that claims CUDA: nccl is asked for and no CPU patch is applied."""
+    from unittest import mock
+
+    import torch
+
+    import megatron_mole as mm
+    from megatron_mole.runtime import cpu
+
+    original_current_device = torch.cuda.current_device
+    calls = {}
+    with mock.patch("torch.cuda.is_available", return_value=True), mock.patch(
+        "torch.cuda.set_device", side_effect=lambda d: calls.setdefault("set_device", str(d))
+    ), mock.patch(
+        "torch.distributed.init_process_group",
+        side_effect=lambda backend, **kw: calls.setdefault("backend", backend),
+    ), mock.patch("torch.distributed.is_initialized", return_value=False), mock.patch(
+        "megatron_mole.runtime._init_model_parallel"
+    ):
+        info = mm.init_distributed(device="auto")
+    mode_stack = torch.overrides._get_current_function_mode_stack()
+    return dict(
+        backend=calls.get("backend"),
+        set_device=calls.get("set_device"),
+        info_device=str(info.device),
+        patches=cpu.applied_patches(),
+        info_patches=list(info.cpu_patches),
+        modes=[type(m).__name__ for m in mode_stack],
+        current_device_untouched=torch.cuda.current_device is original_current_device,
+    )
+
+
+def test_cuda_process_gets_no_patch():
+    (result,) = run_distributed(_claims_cuda, 1)
+    assert result["backend"] == "nccl"
+    assert result["set_device"] == "cuda:0" and result["info_device"] == "cuda:0"
+    assert result["patches"] == [] and result["info_patches"] == []
+    assert "CudaToCpuMode" not in result["modes"]
+    assert result["current_device_untouched"]
+
+
+def _single_process_without_torchrun():
+    import os
+
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)
+    import megatron_mole as mm
+    from megatron.core import parallel_state
+
+    info = mm.init_distributed()
+    return info.world_size, info.backend, parallel_state.get_tensor_model_parallel_world_size()
+
+
+def test_single_process_without_torchrun():
+    assert run_distributed(_single_process_without_torchrun, 1) == [(1, "gloo", 1)]
