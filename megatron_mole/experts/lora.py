@@ -1,0 +1,58 @@
+"""LoRA weights: one adapter (:class:`LoRA`) and E experts (:class:`LoRAExperts`).
+
+Shapes follow nn.Linear: A maps in -> r, B maps r -> out. Expert tensors put
+the expert dimension first (``lora_a_ERI``, ``lora_b_EOR``) so expert
+parallelism shards dim 0 with global id = local id + ep_rank * E_local. These
+modules hold weights and do the two matmuls; routing, dropout, gates, scaling
+and communication are the caller's (layers/).
+
+Legend: S sorted rows, T tokens, E experts, G groups (= E * number of top-k
+slots when rows are slot-major), R rank, I in features, O out features.
+"""
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from megatron_mole.experts.grouped import grouped_linear
+
+
+class LoRA(nn.Module):
+    def __init__(self, in_features: int, out_features: int, rank: int, dtype=None, device=None):
+        super().__init__()
+        self.lora_a = nn.Parameter(torch.zeros(rank, in_features, dtype=dtype, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+
+    def down(self, x_TI: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x_TI, self.lora_a)
+
+    def up(self, u_TR: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(u_TR, self.lora_b)
+
+
+class LoRAExperts(nn.Module):
+    def __init__(self, num_experts: int, in_features: int, out_features: int, rank: int,
+                 backend: str = "loop", dtype=None, device=None):
+        super().__init__()
+        self.num_experts = num_experts
+        self.backend = backend
+        self.lora_a = nn.Parameter(torch.zeros(num_experts, rank, in_features, dtype=dtype,
+                                               device=device))
+        self.lora_b = nn.Parameter(torch.zeros(num_experts, out_features, rank, dtype=dtype,
+                                               device=device))
+
+    def _per_group(self, w_E__: torch.Tensor, counts_G: Sequence[int]) -> torch.Tensor:
+        groups = len(counts_G)
+        if groups == self.num_experts:
+            return w_E__
+        if groups % self.num_experts:
+            raise ValueError(f"LoRAExperts: {groups} groups is not a multiple of "
+                             f"num_experts={self.num_experts}")
+        # Slot-major rows (see dispatch/local.py): group g uses expert g % E.
+        return w_E__.repeat(groups // self.num_experts, 1, 1)
+
+    def down(self, x_SI: torch.Tensor, counts_G: Sequence[int]) -> torch.Tensor:
+        return grouped_linear(x_SI, self._per_group(self.lora_a, counts_G), counts_G, self.backend)
+
+    def up(self, u_SR: torch.Tensor, counts_G: Sequence[int]) -> torch.Tensor:
+        return grouped_linear(u_SR, self._per_group(self.lora_b, counts_G), counts_G, self.backend)

@@ -1,0 +1,122 @@
+"""Adapters around one Megatron parallel linear: a plain LoRA and a MoLE mixture.
+
+- :class:`LoRALinear`: y = W x + (alpha/r) B A dropout(x). Exported as
+  ``{path}.lora.lora_a`` [R, I] and ``{path}.lora.lora_b`` [O, R].
+- :class:`MoLELinear` (``expert_scope="linear"``, MoLA/DynMoLE): the linear's
+  own router fed the linear's input,
+  y = W x + sum_k p_k (alpha/r) B_k A_k dropout(x), with p the router's
+  (un-renormalised) gates. Exported as ``{path}.mole.router.weight`` [E, I],
+  ``{path}.mole.lora_a`` [E, R, I], ``{path}.mole.lora_b`` [E, O, R].
+
+The wrapper keeps the base linear as child ``base`` and returns what the base
+returns ((output, bias)), so Megatron modules call it unchanged. TP/SP
+plumbing comes from layers/parallel.py; dispatch from dispatch/; expert matmuls
+from experts/. The gate multiplies the r-dim activation (B_k (p_k u) = p_k B_k u),
+which is where TP needs it (see parallel.py).
+
+Legend: T tokens, S sorted rows, E experts, R rank, I in (local), O out (local).
+"""
+import torch
+import torch.nn.functional as F
+
+from megatron_mole.dispatch import build_dispatcher
+from megatron_mole.experts import LoRA, LoRAExperts
+from megatron_mole.layers.base import AdapterTensor, AdapterWrapper
+from megatron_mole.layers.parallel import placement_for
+from megatron_mole.routing import AUX_LOSS_TRACKER, attach_aux_loss, build_router
+
+
+def adapter_dropout(x, p: float, placement, training: bool):
+    """Dropout on the adapter input. A TP-sharded input (row-parallel base) draws
+    its mask from Megatron's model-parallel RNG stream; a replicated input from
+    the default stream, identical on the TP ranks."""
+    if p == 0 or not training:
+        return x
+    if placement.kind == "row" and placement.tp_size > 1:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+        with get_cuda_rng_tracker().fork():
+            return F.dropout(x, p, training=True)
+    return F.dropout(x, p, training=True)
+
+
+def split_dims(placement, expert_dim: bool):
+    """(split dim of A, split dim of B, split dim of the router) for a placement."""
+    off = 1 if expert_dim else 0
+    if placement.kind == "column":
+        return None, off, None
+    if placement.kind == "row":
+        return off + 1, None, 1
+    return None, None, None
+
+
+class _LinearWrapper(AdapterWrapper):
+    def __init__(self, base, cfg, placement=None):
+        super().__init__()
+        self.base = base
+        self.cfg = cfg
+        self.place = placement if placement is not None else placement_for(base)
+        self.out_local, self.in_local = base.weight.shape
+        self.dtype, self.device = base.weight.dtype, base.weight.device
+
+    def forward(self, x, *args, **kwargs):
+        out, bias = self.base(x, *args, **kwargs)
+        x_full = self.place.adapter_input(x)
+        x_TI = x_full.reshape(-1, x_full.shape[-1])
+        y_TO, aux = self.delta(x_TI)
+        y = self.place.adapter_output(y_TO.view(*x_full.shape[:-1], y_TO.shape[-1]))
+        return attach_aux_loss(out + y.to(out.dtype), aux), bias
+
+
+class LoRALinear(_LinearWrapper):
+    def __init__(self, base, cfg, placement=None):
+        super().__init__(base, cfg, placement)
+        self.lora = LoRA(self.in_local, self.out_local, cfg.rank, self.dtype, self.device)
+
+    def adapter_tensors(self):
+        a_dim, b_dim, _ = split_dims(self.place, expert_dim=False)
+        fan_in = self.in_local * (self.place.tp_size if a_dim is not None else 1)
+        b_init = "kaiming" if self.cfg.lora_b_init == "random" else "zeros"
+        return [AdapterTensor("lora.lora_a", self.lora.lora_a, self.place, a_dim, "kaiming", fan_in),
+                AdapterTensor("lora.lora_b", self.lora.lora_b, self.place, b_dim, b_init,
+                              self.cfg.rank)]
+
+    def delta(self, x_TI):
+        x_TI = adapter_dropout(x_TI, self.cfg.dropout, self.place, self.training)
+        u_TR = self.place.after_down(self.lora.down(x_TI)) * self.cfg.scaling
+        return self.lora.up(u_TR), None
+
+
+class MoLELinear(_LinearWrapper):
+    def __init__(self, base, cfg, placement=None):
+        super().__init__(base, cfg, placement)
+        self.router = build_router(self.in_local, cfg, device=self.device)
+        self.mole = LoRAExperts(cfg.num_experts, self.in_local, self.out_local, cfg.rank,
+                                cfg.grouped_mm_backend, self.dtype, self.device)
+        self.dispatcher = build_dispatcher(cfg)
+
+    def adapter_tensors(self):
+        a_dim, b_dim, r_dim = split_dims(self.place, expert_dim=True)
+        fan_in = self.in_local * (self.place.tp_size if a_dim is not None else 1)
+        b_init = "kaiming" if self.cfg.lora_b_init == "random" else "zeros"
+        return [
+            AdapterTensor("mole.router.weight", self.router.weight, self.place, r_dim, "kaiming",
+                          fan_in),
+            AdapterTensor("mole.lora_a", self.mole.lora_a, self.place, a_dim, "kaiming", fan_in),
+            AdapterTensor("mole.lora_b", self.mole.lora_b, self.place, b_dim, b_init,
+                          self.cfg.rank),
+        ]
+
+    def delta(self, x_TI, mask_T=None):
+        routing = self.router(x_TI, reduce_logits=self.place.reduce_logits(), mask_T=mask_T)
+        AUX_LOSS_TRACKER.record(self.adapter_prefix, routing.stats)
+        return mole_linear_delta(x_TI, routing, self.mole, self.dispatcher, self.place,
+                                 self.cfg, self.training), routing.aux_loss
+
+
+def mole_linear_delta(x_TI, routing, experts, dispatcher, place, cfg, training):
+    """sum_k p_k (alpha/r) B_k A_k dropout(x) for every token (fast path)."""
+    x_TI = adapter_dropout(x_TI, cfg.dropout, place, training)
+    x_SI, gates_S, plan = dispatcher.permute(x_TI, routing.expert_idx_TK, routing.gates_TK)
+    u_SR = experts.down(x_SI, plan.counts_G)
+    u_SR = place.gate_and_reduce(u_SR, gates_S * cfg.scaling)
+    return dispatcher.combine(experts.up(u_SR, plan.counts_G), plan)

@@ -1,0 +1,167 @@
+"""Tensor-parallel placement of adapters, derived from the base layer in one place.
+
+Megatron column-parallel base (linear_qkv, linear_fc1; weight [out/tp, in]):
+  A (and the router) replicated, B split along out exactly like the base
+  weight (``partition_stride`` chunks: a fused SwiGLU fc1 keeps
+  [gate_shard; up_shard]). The adapter input is the full input (all-gathered
+  along the sequence under SP) and the r-dim activation goes through
+  ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce
+  backward): every quantity before B then has the full, identical gradient on
+  every TP rank, so A, the router and the gates need no extra gradient
+  reduction, and the SP gather's backward is a plain split.
+Megatron row-parallel base (linear_proj, linear_fc2; weight [out, in/tp]):
+  A (and a linear-scope router) split along in like the base; the partial r-dim
+  activation (and the partial router logits) are all-reduced
+  (``reduce_from_tensor_model_parallel_region``); B replicated; the adapter
+  output is full on every rank and, under SP, each rank keeps its sequence
+  chunk (``scatter_to_sequence_parallel_region``, all-gather backward).
+Only r-dim activations (and E-dim logits) cross TP ranks. Nothing here marks
+params ``sequence_parallel``: their gradients are already complete and
+identical on every TP rank, and Megatron's finalize_model_grads would sum them
+again over TP.
+
+:class:`NoParallel` is the single-device placement (all identities), used by
+Hugging Face inference and by plain-PyTorch tests.
+"""
+from typing import Optional
+
+import torch
+
+
+class NoParallel:
+    kind = "none"
+    tp_size, tp_rank, stride, sequence_parallel = 1, 0, 1, False
+
+    def adapter_input(self, x):
+        return x
+
+    def after_down(self, u):
+        return u
+
+    def adapter_output(self, y):
+        return y
+
+    def reduce_logits(self):
+        return None
+
+    def gate_and_reduce(self, u_SR, gate_S):
+        """Gate the r-dim rows and make them complete on every TP rank."""
+        return u_SR * gate_S.to(u_SR.dtype).unsqueeze(-1)
+
+    def replicated(self, t):
+        """Mark a TP-replicated tensor whose consumers see only a TP shard: its
+        gradient is then all-reduced (identity here)."""
+        return t
+
+    def shard(self, full: torch.Tensor, dim: int) -> torch.Tensor:
+        return full
+
+    def unshard(self, local: torch.Tensor, dim: int) -> torch.Tensor:
+        return local
+
+
+class TPPlacement(NoParallel):
+    """Placement for an adapter around a Megatron Column/RowParallelLinear.
+
+    ``dim`` arguments of shard/unshard are adapter-tensor dims: the caller says
+    which dim of A/B/router corresponds to the base's split dim (out for
+    column, in for row); ``stride`` applies to the out dim of column bases.
+    """
+
+    def __init__(self, base):
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+        if isinstance(base, ColumnParallelLinear):
+            self.kind = "column"
+            if getattr(base, "gather_output", False):
+                raise NotImplementedError(
+                    f"{type(base).__name__} with gather_output=True is not a supported adapter base")
+        elif isinstance(base, RowParallelLinear):
+            self.kind = "row"
+            if not base.input_is_parallel:
+                raise NotImplementedError(
+                    f"{type(base).__name__} with input_is_parallel=False is not a supported base")
+        else:
+            raise TypeError(f"adapter base must be Megatron's ColumnParallelLinear or "
+                            f"RowParallelLinear, got {type(base).__name__}")
+        if getattr(base, "explicit_expert_comm", False):
+            raise NotImplementedError("linears inside MoE experts (is_expert with TP/EP > 1) are not "
+                                      "supported adapter bases")
+        self.group = base.tp_group
+        self.tp_size = self.group.size()
+        self.tp_rank = self.group.rank()
+        self.sequence_parallel = bool(getattr(base, "sequence_parallel", False))
+        self.stride = int(getattr(base.weight, "partition_stride", 1)) if self.kind == "column" else 1
+
+    # -- forward plumbing -------------------------------------------------
+    def adapter_input(self, x):
+        if self.kind == "column" and self.sequence_parallel and self.tp_size > 1:
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+            return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False,
+                                                        group=self.group)
+        return x
+
+    def after_down(self, u):
+        if self.tp_size == 1:
+            return u
+        from megatron.core.tensor_parallel import mappings
+        if self.kind == "column":
+            return mappings.copy_to_tensor_model_parallel_region(u, group=self.group)
+        return mappings.reduce_from_tensor_model_parallel_region(u, group=self.group)
+
+    def gate_and_reduce(self, u_SR, gate_S):
+        gate_S1 = gate_S.to(u_SR.dtype).unsqueeze(-1)
+        # Column: gate, then copy_to (all-reduce backward) so the gate's gradient,
+        # otherwise a partial sum over the B shards, is complete. Row: reduce
+        # the partial rows first, then gate the complete rows.
+        if self.kind == "column":
+            return self.after_down(u_SR * gate_S1)
+        return self.after_down(u_SR) * gate_S1
+
+    def replicated(self, t):
+        if self.tp_size == 1:
+            return t
+        from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+        return copy_to_tensor_model_parallel_region(t, group=self.group)
+
+    def adapter_output(self, y):
+        if self.kind == "row" and self.sequence_parallel and self.tp_size > 1:
+            from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
+            return scatter_to_sequence_parallel_region(y, group=self.group)
+        return y
+
+    def reduce_logits(self):
+        if self.kind == "row" and self.tp_size > 1:
+            from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+            return lambda logits: reduce_from_tensor_model_parallel_region(logits, group=self.group)
+        return None
+
+    # -- full <-> local tensors ------------------------------------------
+    def _chunks(self, size: int, dim_stride: int):
+        parts = self.tp_size * dim_stride
+        if size % parts:
+            raise ValueError(f"dim of size {size} does not split into tp={self.tp_size} x "
+                             f"stride={dim_stride} parts")
+        step = size // parts
+        return [(self.tp_rank + j * self.tp_size) * step for j in range(dim_stride)], step
+
+    def shard(self, full: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.tp_size == 1:
+            return full
+        stride = self.stride if self.kind == "column" else 1
+        starts, step = self._chunks(full.shape[dim], stride)
+        return torch.cat([full.narrow(dim, s, step) for s in starts], dim=dim)
+
+    def unshard(self, local: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.tp_size == 1:
+            return local
+        pieces = [torch.empty_like(local) for _ in range(self.tp_size)]
+        torch.distributed.all_gather(pieces, local.contiguous(), group=self.group)
+        stride = self.stride if self.kind == "column" else 1
+        # rank r holds chunks r, r + tp, ... (stride of them): interleave back
+        chunks = [p.chunk(stride, dim=dim) for p in pieces]
+        return torch.cat([chunks[r][j] for j in range(stride) for r in range(self.tp_size)], dim=dim)
+
+
+def placement_for(base: Optional[torch.nn.Module]):
+    return NoParallel() if base is None else TPPlacement(base)

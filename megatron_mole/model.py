@@ -1,0 +1,245 @@
+"""apply_mole: wrap the target modules of a Megatron-core model with MoLE/LoRA
+adapters, freeze the base; adapter_state_dict / load_adapter_state_dict.
+
+Matching (patterns: see config.py) runs on each module's *global* path: the
+local index of ``decoder.layers.{i}`` is replaced by Megatron's global
+``layer_number - 1``, so targets, layer selections and adapter names are the
+same at every pipeline layout. Wrapping:
+
+- ``expert_scope="mlp"``: a matched ``linear_fc1``/``linear_fc2`` of a dense
+  MLP makes that MLP a :class:`MoLEMLP` (experts on the matched linears, one
+  router per MLP); attention linears get a plain :class:`LoRALinear`.
+- ``expert_scope="linear"``: every matched linear becomes a :class:`MoLELinear`
+  with its own router.
+- MoE bases: linears inside routed experts (``mlp.experts``) are out of scope
+  for method "mole" (PERFT methods adapt MoE blocks): bare names skip them and an
+  explicit pattern into them is an error. Shared experts (``mlp.shared_experts``)
+  are supported under ``expert_scope="linear"``; under "mlp" bare names skip them.
+- A pattern that matches nothing is an error naming it.
+
+Wrappers keep the base module as child ``base`` (base parameter names gain a
+``.base`` component); every base parameter gets ``requires_grad=False``. Adapter
+tensors are initialised from per-tensor seeds (experts/init.py), so the same
+seed gives the same full tensors at any TP/PP layout.
+
+State dicts hold FULL tensors under global names (README "Adapter tensor
+names"): TP shards are all-gathered; under PP every rank receives every
+stage's tensors (``all_gather_object`` over the pipeline group), so rank 0 can
+save the whole adapter. ``load_adapter_state_dict`` slices the full tensors
+for the current layout.
+"""
+import re
+from fnmatch import fnmatchcase
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+from megatron_mole.config import MoLEConfig
+from megatron_mole.layers.base import AdapterWrapper
+from megatron_mole.layers.linear import LoRALinear, MoLELinear
+from megatron_mole.layers.mole_mlp import MoLEMLP
+
+ATTENTION_LINEARS = ("linear_qkv", "linear_proj")
+MLP_LINEARS = ("linear_fc1", "linear_fc2")
+
+
+# ---------------------------------------------------------------- matching
+def _component_regex(comp: str) -> str:
+    out, i = "", 0
+    while i < len(comp):
+        ch = comp[i]
+        if ch == "{":
+            j = comp.index("}", i)
+            alts = []
+            for part in comp[i + 1:j].split(","):
+                if "-" in part:
+                    lo, hi = part.split("-")
+                    alts += [str(v) for v in range(int(lo), int(hi) + 1)]
+                else:
+                    alts.append(part.strip())
+            out += "(?:" + "|".join(map(re.escape, alts)) + ")"
+            i = j + 1
+            continue
+        out += "[^.]*" if ch == "*" else re.escape(ch)
+        i += 1
+    return out
+
+
+def pattern_matches(pattern: str, path: str) -> bool:
+    """Bare names match the last component; dotted patterns match the whole
+    path with ``*`` (one component or part of one), ``**`` (any number of
+    components) and ``{a-b}``/``{a,b}`` (integer alternatives)."""
+    if "." not in pattern and "**" not in pattern:
+        return re.fullmatch(_component_regex(pattern), path.rsplit(".", 1)[-1]) is not None
+    parts = []
+    for comp in pattern.split("."):
+        parts.append(r"(?:[^.]+\.)*" if comp == "**" else _component_regex(comp) + r"\.")
+    regex = "".join(parts)
+    return re.fullmatch(regex, path + ".") is not None
+
+
+def _global_paths(model: nn.Module) -> Dict[str, str]:
+    """local module path -> path with global layer indices (and no wrapper
+    ``module.`` prefixes)."""
+    layer_prefix = {}
+    for path, mod in model.named_modules():
+        last = path.rsplit(".", 1)[-1]
+        if last.isdigit() and path.split(".")[-2:-1] == ["layers"] and hasattr(mod, "layer_number"):
+            layer_prefix[path] = path[: -len(last)] + str(int(mod.layer_number) - 1)
+    out = {}
+    for path, _ in model.named_modules():
+        g = path
+        for local, glob in layer_prefix.items():
+            if path == local or path.startswith(local + "."):
+                g = glob + path[len(local):]
+                break
+        while g.startswith("module."):
+            g = g[len("module."):]
+        out[path] = g
+    return out
+
+
+def _layer_index(global_path: str) -> Optional[int]:
+    m = re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", global_path)
+    return int(m.group(1)) if m else None
+
+
+# ---------------------------------------------------------------- apply
+def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLP
+
+    if not isinstance(cfg, MoLEConfig):
+        raise TypeError(f"apply_mole: cfg must be a MoLEConfig, got {type(cfg).__name__}")
+    if any(isinstance(m, AdapterWrapper) for m in model.modules()):
+        raise ValueError("apply_mole: the model already has adapters")
+    gpaths = _global_paths(model)
+    modules = dict(model.named_modules())
+    hits = {p: [] for p in cfg.targets}
+    for path, mod in modules.items():
+        if not isinstance(mod, (ColumnParallelLinear, RowParallelLinear, MLP)):
+            continue
+        gpath = gpaths[path]
+        for pattern in cfg.targets:
+            if not pattern_matches(pattern, gpath):
+                continue
+            if cfg.layers is not None and _layer_index(gpath) not in cfg.layers:
+                continue
+            in_experts = ".mlp.experts." in f".{gpath}."
+            in_shared = ".shared_experts." in f".{gpath}."
+            bare = "." not in pattern
+            if in_experts or (in_shared and cfg.expert_scope == "mlp"):
+                if bare:
+                    continue
+                raise NotImplementedError(
+                    f"target {pattern!r} matches {gpath!r}, inside an MoE "
+                    f"{'shared expert' if in_shared else 'routed expert'}: not supported by "
+                    f"method 'mole'{' with expert_scope=mlp' if in_shared else ''}")
+            if isinstance(mod, MLP):
+                raise ValueError(f"target {pattern!r} matches the MLP {gpath!r}: name its linears "
+                                 f"(linear_fc1, linear_fc2)")
+            hits[pattern].append(path)
+    empty = [p for p, paths in hits.items() if not paths]
+    if empty:
+        raise ValueError(f"MoLEConfig.targets: pattern(s) {empty} match no adapter-able module "
+                         f"(Megatron Column/RowParallelLinear outside MoE experts"
+                         f"{', layers ' + str(cfg.layers) if cfg.layers is not None else ''})")
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    chosen = sorted({path for paths in hits.values() for path in paths})
+    wrappers = []
+    mlp_parts: Dict[str, set] = {}
+    for path in chosen:
+        parent_path, _, name = path.rpartition(".")
+        parent = modules[parent_path]
+        if cfg.expert_scope == "mlp" and name in MLP_LINEARS and isinstance(parent, MLP):
+            mlp_parts.setdefault(parent_path, set()).add(name)
+            continue
+        cls = MoLELinear if cfg.expert_scope == "linear" else LoRALinear
+        wrapper = cls(modules[path], cfg)
+        setattr(parent, name, wrapper)
+        wrappers.append((wrapper, gpaths[path]))
+    for mlp_path, names in mlp_parts.items():
+        grand_path, _, name = mlp_path.rpartition(".")
+        wrapper = MoLEMLP(modules[mlp_path], cfg, "linear_fc1" in names, "linear_fc2" in names)
+        setattr(modules[grand_path], name, wrapper)
+        wrappers.append((wrapper, gpaths[mlp_path]))
+    for wrapper, gpath in wrappers:
+        wrapper.adapter_prefix = gpath
+        wrapper.init_adapters(cfg.seed)
+        _mark_tensor_parallel(wrapper)
+    model.mole_config = cfg
+    return model
+
+
+def _mark_tensor_parallel(wrapper: AdapterWrapper) -> None:
+    """TP-split adapter params carry Megatron's tensor-parallel attributes so
+    grad-norm clipping counts them on every TP rank (replicated ones once)."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+    for t in wrapper.adapter_tensors():
+        if t.split_dim is not None and t.placement.tp_size > 1:
+            stride = t.placement.stride if t.placement.kind == "column" else 1
+            set_tensor_model_parallel_attributes(t.param, True, t.split_dim, stride)
+
+
+# ---------------------------------------------------------------- state dicts
+def _chunks(model) -> List[nn.Module]:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def adapter_wrappers(model) -> List[AdapterWrapper]:
+    return [m for chunk in _chunks(model) for m in chunk.modules() if isinstance(m, AdapterWrapper)]
+
+
+def _pp_group():
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+    from megatron.core import parallel_state
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    group = parallel_state.get_pipeline_model_parallel_group()
+    return group if torch.distributed.get_world_size(group) > 1 else None
+
+
+def _gather_over_pp(obj):
+    group = _pp_group()
+    if group is None:
+        return [obj]
+    out = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(out, obj, group=group)
+    return out
+
+
+def adapter_state_dict(model) -> Dict[str, torch.Tensor]:
+    """Full adapter tensors (CPU) of every pipeline stage, on every rank."""
+    local = {}
+    for w in adapter_wrappers(model):
+        local.update({k: v.cpu() for k, v in w.full_adapter_tensors().items()})
+    merged = {}
+    for part in _gather_over_pp(local):
+        merged.update(part)
+    return dict(sorted(merged.items()))
+
+
+def load_adapter_state_dict(model, sd: Dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Load full adapter tensors at the current layout (each rank slices its
+    shard). With ``strict``, names that belong to no adapter of any pipeline
+    stage are an error too."""
+    errors: List[str] = []
+    local_names = []
+    for w in adapter_wrappers(model):
+        w.load_full_adapter_tensors(sd, errors)
+        local_names += [w.adapter_name(t) for t in w.adapter_tensors()]
+    if strict:
+        known = {n for names in _gather_over_pp(local_names) for n in names}
+        errors += [f"unexpected tensor {k!r}" for k in sorted(set(sd) - known)]
+    if errors:
+        raise ValueError("load_adapter_state_dict: " + "; ".join(errors))
+
+
+def adapter_parameters(model) -> Iterable[nn.Parameter]:
+    for w in adapter_wrappers(model):
+        for t in w.adapter_tensors():
+            yield t.param

@@ -1,0 +1,118 @@
+"""Auxiliary router losses, the autograd trick that adds them to the training
+loss, and a tracker that keeps per-layer values for logging.
+
+The losses follow Megatron-core's MoE mechanism: instead of returning the aux
+loss through the model's forward signature (impossible through Megatron's
+TransformerBlock and pipeline schedules), :class:`AuxLossScaler` attaches it to
+an activation. Its forward returns the activation unchanged; its backward
+returns the activation's gradient untouched plus a gradient of ``scale`` for
+the aux loss, so backprop from the main loss also differentiates the aux loss.
+``scale`` must match the main loss's scaling: the training loop calls
+``set_aux_loss_scale(1 / num_microbatches)`` (times any loss scale) exactly
+as Megatron's schedules do for MoEAuxLossAutoScaler.
+
+Legend: T tokens, E experts, K = top_k.
+"""
+from collections import defaultdict
+from typing import Dict, Optional
+
+import torch
+
+
+def _valid(mask_T: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
+    if mask_T is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    mask_T = mask_T.reshape(-1).to(device=device, dtype=torch.bool)
+    if mask_T.numel() != n:
+        raise ValueError(f"token mask has {mask_T.numel()} entries, expected one per token ({n})")
+    return mask_T
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor,
+                        mask_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Switch/Mixtral balance loss N * sum_i f_i P_i.
+
+    f_i: fraction of the T*K assignments that went to expert i (no gradient);
+    P_i: mean router probability of expert i. Tokens with ``mask_T`` False
+    (padding) are left out of both.
+    """
+    num_tokens, num_experts = probs_TE.shape
+    valid_T = _valid(mask_T, num_tokens, probs_TE.device)
+    weight_T = valid_T.to(probs_TE.dtype)
+    n_valid = weight_T.sum().clamp(min=1.0)
+    counts_E = torch.zeros(num_experts, dtype=probs_TE.dtype, device=probs_TE.device)
+    weight_TK = weight_T[:, None].expand_as(expert_idx_TK).to(probs_TE.dtype)
+    counts_E.index_add_(0, expert_idx_TK.reshape(-1), weight_TK.reshape(-1))
+    f_E = counts_E / (n_valid * expert_idx_TK.shape[1])
+    p_E = (probs_TE * weight_T[:, None]).sum(0) / n_valid
+    return num_experts * (f_E * p_E).sum()
+
+
+def z_loss(logits_TE: torch.Tensor, mask_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over (valid) tokens of logsumexp(logits)^2."""
+    valid_T = _valid(mask_T, logits_TE.shape[0], logits_TE.device).to(logits_TE.dtype)
+    lse_T = torch.logsumexp(logits_TE, dim=-1)
+    return (lse_T.square() * valid_T).sum() / valid_T.sum().clamp(min=1.0)
+
+
+class AuxLossScaler(torch.autograd.Function):
+    """Identity on ``output``; gives ``aux_loss`` a gradient of ``scale``."""
+
+    scale: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def forward(ctx, output, aux_loss):
+        ctx.save_for_backward(aux_loss)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (aux_loss,) = ctx.saved_tensors
+        scale = AuxLossScaler.scale
+        scale = 1.0 if scale is None else scale
+        return grad_output, torch.ones_like(aux_loss) * scale
+
+
+def set_aux_loss_scale(scale) -> None:
+    """Scale applied to every aux loss's gradient (1 / num_microbatches in a
+    Megatron schedule whose main loss is divided by the micro-batch count)."""
+    AuxLossScaler.scale = scale
+
+
+def attach_aux_loss(output: torch.Tensor, aux_loss: Optional[torch.Tensor]) -> torch.Tensor:
+    if aux_loss is None or not torch.is_grad_enabled() or not aux_loss.requires_grad:
+        return output
+    return AuxLossScaler.apply(output, aux_loss)
+
+
+class AuxLossTracker:
+    """Running sums of per-layer router statistics (detached, no host sync).
+
+    ``record`` is called by every MoLE layer on every forward; ``report``
+    returns ``{layer_name: {stat: mean over the recorded calls}}`` (values are
+    local to this rank: pipeline stages hold their own layers) and resets.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums: Dict[str, Dict[str, torch.Tensor]] = defaultdict(dict)
+        self._counts: Dict[str, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
+
+    def record(self, layer: str, stats: Dict[str, torch.Tensor]) -> None:
+        for key, value in stats.items():
+            value = value.detach().float()
+            prev = self._sums[layer].get(key)
+            self._sums[layer][key] = value if prev is None else prev + value
+            self._counts[layer][key] += 1
+
+    def report(self, reset: bool = True) -> Dict[str, Dict[str, float]]:
+        out = {layer: {key: float(total) / self._counts[layer][key] for key, total in stats.items()}
+               for layer, stats in self._sums.items()}
+        if reset:
+            self.reset()
+        return out
+
+
+AUX_LOSS_TRACKER = AuxLossTracker()
