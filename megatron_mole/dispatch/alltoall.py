@@ -1,0 +1,173 @@
+"""Expert-parallel token dispatch by all-to-all, with only torch.distributed collectives.
+
+Each rank of the expert-parallel group owns ``E_local = E / ep`` experts (global id
+= local id + ep_rank * E_local). ``permute`` takes this rank's tokens and their
+top-k choices and returns, on every rank, the rows routed to *its* experts grouped
+by local expert; ``combine`` sends expert outputs back and sums them per token.
+The same two methods as :class:`~megatron_mole.dispatch.local.LocalDispatcher`,
+so layers do not know which one they use.
+
+Steps (forward; backward mirrors each one, being made of autograd functions):
+  1. sort the T·K (token, slot) assignments by global expert (one stable argsort):
+     rows bound for rank r are then contiguous, ordered by expert;
+  2. exchange the per-expert counts (one small ``all_to_all_single``);
+  3. exchange the rows with uneven splits (``all_to_all_single``; gloo and nccl);
+  4. received rows are grouped (source rank, local expert): one gather regroups
+     them by local expert for the grouped matmul;
+  ``combine`` undoes 4, 3 and 1 and sums the K slots of each token, weighted.
+
+Dropless by default. With ``capacity_factor`` set, each expert keeps at most
+``ceil(capacity_factor * T * K / E)`` rows *per source rank* (decided locally,
+no extra communication): the assignments of an over-full expert are dropped
+in order of ascending gate (lowest-probability choices first; ties keep the
+earlier (slot, token)), and a dropped assignment contributes nothing to its token (its slot
+output is zero). A rank with no tokens, an expert with no rows, or every token
+on one expert all work: empty splits are legal in all_to_all_single.
+
+Legend: T tokens, K top-k slots, E experts (global), L = E_local, S rows after
+dispatch on this rank, D features, P ep size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; backward sends the gradient back."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        return _all_to_all(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _all_to_all(dy.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
+
+
+def _all_to_all(x, out_splits: List[int], in_splits: List[int], group):
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    if dist.get_world_size(group) == 1:
+        out.copy_(x)
+        return out
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+def all_to_all(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group) -> torch.Tensor:
+    """Differentiable uneven all-to-all along dim 0 (splits are host ints)."""
+    return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
+
+
+@dataclass
+class AllToAllPlan:
+    num_tokens: int
+    top_k: int
+    order_A: torch.Tensor        # sorted assignment -> (slot, token) flat index j*T + t
+    kept_A: Optional[torch.Tensor]  # bool per sorted assignment (None: dropless)
+    send_splits: List[int]       # rows sent to each ep rank
+    recv_splits: List[int]       # rows received from each ep rank
+    regroup_S: torch.Tensor      # received row feeding each expert-grouped row
+    counts_G: List[int]          # rows per local expert (grouped matmul segments)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.counts_G)
+
+
+class AllToAllDispatcher:
+    """Dispatch to the experts of an expert-parallel group (see module docstring)."""
+
+    def __init__(self, num_experts: int, group=None, capacity_factor: Optional[float] = None):
+        self.group = group
+        self.ep_size = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.ep_rank = dist.get_rank(group) if dist.is_initialized() else 0
+        if num_experts % self.ep_size:
+            raise ValueError(
+                f"num_experts={num_experts} is not divisible by the expert-parallel size {self.ep_size}"
+            )
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0 or None; got {capacity_factor!r}")
+        self.num_experts = num_experts
+        self.num_local = num_experts // self.ep_size
+        self.capacity_factor = capacity_factor
+
+    def _keep_mask(self, expert_A, gates_A, num_assignments):
+        """Capacity drop: per expert keep the highest-gate rows up to capacity."""
+        capacity = math.ceil(self.capacity_factor * num_assignments / self.num_experts)
+        # rank of each assignment inside its expert by descending gate (stable on ties)
+        by_gate = torch.argsort(-gates_A.detach().float(), stable=True)
+        by_expert = by_gate[torch.argsort(expert_A[by_gate], stable=True)]
+        counts_E = torch.bincount(expert_A, minlength=self.num_experts)
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        position = torch.empty_like(expert_A)
+        position[by_expert] = torch.arange(expert_A.numel(), device=expert_A.device) - torch.repeat_interleave(
+            starts_E, counts_E
+        )
+        return position < capacity
+
+    def permute(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gates_TK: Optional[torch.Tensor] = None):
+        """-> (x_SD, gates_S or None, plan): rows for this rank's experts, by local expert."""
+        num_tokens, top_k = expert_idx_TK.shape
+        if x_TD.shape[0] != num_tokens:
+            raise ValueError(f"permute: x_TD has {x_TD.shape[0]} rows, expert_idx_TK {num_tokens}")
+        expert_A = expert_idx_TK.t().reshape(-1)  # slot-major flat j*T + t
+        kept_A = None
+        if self.capacity_factor is not None and gates_TK is not None:
+            keep = self._keep_mask(expert_A, gates_TK.t().reshape(-1), expert_A.numel())
+            kept_A = keep
+            # dropped assignments sort past every expert and are never sent
+            expert_A = torch.where(keep, expert_A, torch.full_like(expert_A, self.num_experts))
+        order_A = torch.argsort(expert_A, stable=True)
+        counts_E = torch.bincount(expert_A, minlength=self.num_experts + 1)[: self.num_experts]
+        # 2. counts: [P, L] sent -> [P, L] received (one tiny all-to-all)
+        recv_counts_PL = torch.empty_like(counts_E)
+        if self.ep_size > 1:
+            dist.all_to_all_single(recv_counts_PL, counts_E, group=self.group)
+        else:
+            recv_counts_PL.copy_(counts_E)
+        counts_PL = counts_E.view(self.ep_size, self.num_local)
+        recv_counts_PL = recv_counts_PL.view(self.ep_size, self.num_local)
+        send_splits = counts_PL.sum(1).tolist()
+        recv_splits = recv_counts_PL.sum(1).tolist()
+        # 4. received rows are (source, local expert)-major; regroup by local expert
+        src_starts = torch.cumsum(recv_counts_PL.reshape(-1), 0) - recv_counts_PL.reshape(-1)
+        lp_counts = recv_counts_PL.t().reshape(-1)
+        lp_starts = src_starts.view(self.ep_size, self.num_local).t().reshape(-1)
+        total = int(lp_counts.sum())
+        offsets = torch.arange(total, device=x_TD.device) - torch.repeat_interleave(
+            torch.cumsum(lp_counts, 0) - lp_counts, lp_counts
+        )
+        regroup_S = torch.repeat_interleave(lp_starts, lp_counts) + offsets
+        counts_G = recv_counts_PL.sum(0).tolist()
+        num_sent = sum(send_splits)
+        sent_A = order_A[:num_sent]
+        tok_A = sent_A % num_tokens if top_k > 1 else sent_A
+        plan = AllToAllPlan(num_tokens, top_k, order_A, kept_A, send_splits, recv_splits, regroup_S, counts_G)
+        x_SD = all_to_all(x_TD.index_select(0, tok_A), recv_splits, send_splits, self.group)
+        x_SD = x_SD.index_select(0, regroup_S)
+        gates_S = None
+        if gates_TK is not None:
+            gates_A = gates_TK.t().reshape(-1).index_select(0, sent_A).unsqueeze(-1)
+            gates_S = all_to_all(gates_A, recv_splits, send_splits, self.group).squeeze(-1)
+            gates_S = gates_S.index_select(0, regroup_S)
+        return x_SD, gates_S, plan
+
+    def combine(self, y_SD: torch.Tensor, plan: AllToAllPlan, weights_TK: Optional[torch.Tensor] = None):
+        """y_TD[t] = sum_j weights_TK[t, j] * (expert output of (t, j)); dropped slots add 0."""
+        # undo the regroup: scatter rows back to (source, local expert) order
+        y_recv = torch.zeros_like(y_SD).index_copy(0, plan.regroup_S, y_SD)
+        y_sent = all_to_all(y_recv, plan.send_splits, plan.recv_splits, self.group)
+        num_slots = plan.num_tokens * plan.top_k
+        width = y_SD.shape[-1]
+        sent_A = plan.order_A[: y_sent.shape[0]]
+        y_KTD = y_sent.new_zeros(num_slots, width).index_copy(0, sent_A, y_sent)
+        y_KTD = y_KTD.view(plan.top_k, plan.num_tokens, width)
+        if weights_TK is not None:
+            y_KTD = y_KTD * weights_TK.t().unsqueeze(-1).to(y_KTD.dtype)
+        return y_KTD[0] if plan.top_k == 1 else y_KTD.sum(0)
