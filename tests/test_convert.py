@@ -1,0 +1,150 @@
+"""HF -> Megatron -> HF conversion: bit-exact round trips and logits against transformers.
+
+The references are independent of our code: the files ``save_pretrained`` wrote (keys,
+dtypes, bytes of every tensor) and transformers' own forward pass. All conversions and
+the TP1 logits run in one spawned process; the layouts TP2, PP2, EP2 (and MoE at
+TP2 with sequence parallelism) run in one 2-process launch.
+"""
+import filecmp
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tests._dist import run_distributed
+from tests._hf_models import CASES, MOE_CASES, make_hf_model
+
+TOLERANCE = 1e-4
+
+
+def _convert_all(root, names):
+    """In one process: build, convert both ways, and compare logits at TP1."""
+    from megatron_mole.checkpoint.convert import hf_to_mcore, mcore_to_hf
+    from megatron_mole.checkpoint.verify import max_logits_difference
+
+    out = {}
+    for name in names:
+        hf, mcore, back = (os.path.join(root, name, d) for d in ("hf", "mcore", "back"))
+        make_hf_model(name, hf)
+        dtype = "float32" if name.endswith("bf16") else None  # widening: still bit-exact back
+        hf_to_mcore(hf, mcore, dtype=dtype)
+        mcore_to_hf(mcore, back)
+        out[name] = max_logits_difference(hf, mcore, seq=16)
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("convert"))
+    (logits,) = run_distributed(_convert_all, 1, root, list(CASES), timeout=600)
+    return root, logits
+
+
+def _tensors(directory):
+    files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+    out = {}
+    for name in files:
+        with safe_open(os.path.join(directory, name), "pt") as f:
+            for key in f.keys():
+                out[key] = (name, f.get_tensor(key))
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_round_trip_is_bit_exact(converted, name):
+    root, _ = converted
+    hf, back = os.path.join(root, name, "hf"), os.path.join(root, name, "back")
+    source, result = _tensors(hf), _tensors(back)
+    assert sorted(source) == sorted(result)
+    for key, (file, tensor) in source.items():
+        back_file, back_tensor = result[key]
+        assert back_file == file, key
+        assert back_tensor.dtype == tensor.dtype, key
+        assert back_tensor.shape == tensor.shape, key
+        assert torch.equal(back_tensor.view(torch.uint8), tensor.view(torch.uint8)), key
+    for side in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        assert filecmp.cmp(os.path.join(hf, side), os.path.join(back, side), shallow=False), side
+    index = "model.safetensors.index.json"
+    assert os.path.exists(os.path.join(back, index)) == os.path.exists(os.path.join(hf, index))
+    if os.path.exists(os.path.join(hf, index)):
+        with open(os.path.join(hf, index)) as a, open(os.path.join(back, index)) as b:
+            assert json.load(a) == json.load(b)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_tp1_logits_match_transformers(converted, name):
+    _, logits = converted
+    assert logits[name] <= TOLERANCE, (name, logits[name])
+
+
+def test_converted_checkpoint_layout(converted):
+    root, _ = converted
+    mcore = os.path.join(root, "llama_mqa_tied_padded", "mcore")
+    with open(os.path.join(mcore, "mcore_config.json")) as f:
+        spec = json.load(f)
+    assert spec["gpt"]["vocab_size"] == 128 and spec["shapes"]["hf_vocab_size"] == 100
+    assert spec["gpt"]["share_embeddings_and_output_weights"] is True
+    assert spec["transformer"]["num_query_groups"] == 1
+    assert os.path.exists(os.path.join(mcore, "dist_ckpt", "metadata.json"))
+    leftovers = [n for n in os.listdir(os.path.join(root, "llama_mqa_tied_padded")) if n.startswith(".")]
+    assert leftovers == []
+
+
+def test_mqa_checkpoint_refuses_tp_larger_than_kv_heads(converted):
+    from megatron_mole.checkpoint.spec import check_layout
+
+    root, _ = converted
+    with open(os.path.join(root, "llama_mqa_tied_padded", "mcore", "mcore_config.json")) as f:
+        spec = json.load(f)
+    with pytest.raises(ValueError, match="tp=2 does not divide num_query_groups=1"):
+        check_layout(spec, tp=2)
+
+
+# (name of the case, tp, pp, ep) run on 2 processes in one launch.
+LAYOUTS = [
+    ("llama", 2, 1, 1),
+    ("llama", 1, 2, 1),
+    ("llama_mqa_tied_padded", 1, 2, 1),
+    ("qwen2_bias_tied_padded", 2, 1, 1),
+    ("mistral_window_headdim", 1, 2, 1),
+    ("mixtral", 1, 1, 2),
+    ("qwen2_moe_sharded", 1, 1, 2),
+    ("mixtral", 2, 1, 1),
+    ("qwen2_moe_norm_topk", 1, 2, 1),
+    ("mixtral_fused", 1, 1, 2),
+]
+
+
+def _verify_layouts(root, layouts):
+    import argparse
+
+    from megatron_mole.checkpoint import verify
+
+    out = []
+    for name, tp, pp, ep in layouts:
+        hf, mcore = os.path.join(root, name, "hf"), os.path.join(root, name, "mcore")
+        out.append(verify.max_logits_difference(hf, mcore, tp=tp, pp=pp, ep=ep, seq=16))
+    # The CLI path once: exit status 0 under the tolerance.
+    parser = argparse.ArgumentParser()
+    verify.add_arguments(parser)
+    args = parser.parse_args(["--hf", os.path.join(root, "llama", "hf"), "--mcore",
+                              os.path.join(root, "llama", "mcore"), "--tp", "2", "--seq", "8"])
+    out.append(verify.run(args))
+    return out
+
+
+def test_verify_at_tp2_pp2_ep2(converted):
+    root, _ = converted
+    results = run_distributed(_verify_layouts, 2, root, LAYOUTS, timeout=600)
+    for rank_result in results:
+        *diffs, status = rank_result
+        for layout, diff in zip(LAYOUTS, diffs):
+            assert diff <= TOLERANCE, (layout, diff)
+        assert status == 0
+    assert results[0] == results[1]  # every rank reports the same all-reduced maximum
+
+
+def test_moe_cases_are_listed():
+    assert {"mixtral", "mixtral_fused", "qwen2_moe_sharded", "qwen2_moe_norm_topk"} <= set(MOE_CASES)
