@@ -9,7 +9,8 @@
   ``{path}.mole.lora_a`` [E, R, I], ``{path}.mole.lora_b`` [E, O, R].
 
 The wrapper keeps the base linear as child ``base`` and returns what the base
-returns ((output, bias)), so Megatron modules call it unchanged. TP/SP
+returns ((output, bias) for Megatron linears, a tensor for nn.Linear), so the
+parent module calls it unchanged. TP/SP
 plumbing comes from layers/parallel.py; dispatch from dispatch/; expert matmuls
 from experts/. The gate multiplies the r-dim activation (B_k (p_k u) = p_k B_k u),
 which is where TP needs it (see parallel.py).
@@ -59,12 +60,15 @@ class _LinearWrapper(AdapterWrapper):
         self.dtype, self.device = base.weight.dtype, base.weight.device
 
     def forward(self, x, *args, **kwargs):
-        out, bias = self.base(x, *args, **kwargs)
+        res = self.base(x, *args, **kwargs)
+        # Megatron linears return (output, bias); a plain nn.Linear a tensor.
+        out, bias = res if isinstance(res, tuple) else (res, None)
         x_full = self.place.adapter_input(x)
         x_TI = x_full.reshape(-1, x_full.shape[-1])
         y_TO, aux = self.delta(x_TI)
         y = self.place.adapter_output(y_TO.view(*x_full.shape[:-1], y_TO.shape[-1]))
-        return attach_aux_loss(out + y.to(out.dtype), aux), bias
+        out = attach_aux_loss(out + y.to(out.dtype), aux)
+        return (out, bias) if isinstance(res, tuple) else out
 
 
 class LoRALinear(_LinearWrapper):

@@ -116,8 +116,9 @@ class MoLEMLP(AdapterWrapper):
         y_TH = self.mixture(x_TH, routing)
         out = self.place2.adapter_output(y_TH.view(seq, batch, -1))
         fc2 = self.base.linear_fc2
-        bias = fc2.bias if fc2.skip_bias_add else None
-        if fc2.bias is not None and not fc2.skip_bias_add:
+        skip_bias_add = getattr(fc2, "skip_bias_add", False)
+        bias = fc2.bias if skip_bias_add else None
+        if fc2.bias is not None and not skip_bias_add:
             out = out + fc2.bias
         return attach_aux_loss(out, routing.aux_loss), bias
 

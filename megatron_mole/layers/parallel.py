@@ -20,8 +20,8 @@ params ``sequence_parallel``: their gradients are already complete and
 identical on every TP rank, and Megatron's finalize_model_grads would sum them
 again over TP.
 
-:class:`NoParallel` is the single-device placement (all identities), used by
-Hugging Face inference and by plain-PyTorch tests.
+:class:`NoParallel` is the single-device placement (all identities), used for
+plain ``nn.Linear`` bases (Hugging Face inference, plain-PyTorch tests).
 """
 from typing import Optional
 
@@ -164,4 +164,8 @@ class TPPlacement(NoParallel):
 
 
 def placement_for(base: Optional[torch.nn.Module]):
-    return NoParallel() if base is None else TPPlacement(base)
+    """NoParallel for a plain ``nn.Linear`` base (single device, Hugging Face
+    modules), else the TP placement of a Megatron parallel linear."""
+    if base is None or isinstance(base, torch.nn.Linear):
+        return NoParallel()
+    return TPPlacement(base)
