@@ -19,7 +19,7 @@ def test_bytes_by_hand():
 
 def test_choice_follows_bytes_and_memory():
     small = dict(top_k=1, num_experts=4, rank=8, linears=[(1024, 2816), (2816, 1024)], ep=2, dp=2)
-    # few tokens: moving them (2 MiB) beats all-reducing every expert's grads (983 KB at dp 2,
+    # few tokens: moving them (0.5 MB) beats all-reducing every expert's grads (983 KB at dp 2,
     # while at dp == ep the owned experts need no grad all-reduce at all)
     assert choose_dispatch(64, **small)[0] == "alltoall"
     # a realistic 64k tokens per rank: the activations dominate, replicate the experts
