@@ -60,6 +60,7 @@ BAD_LINES = [  # (line, substring the reason must contain)
     (json.dumps({"domain": "a", "messages": [{"role": "user", "content": "x"},
                                              {"role": "assistant", "content": ""}]}), "messages[1].content"),
     (json.dumps({"domain": 3, "prompt": "p", "response": "r"}), "'domain' must be a string"),
+    (json.dumps({"domain": "a", "messages": CHAT[2:4]}), "messages[0] is an assistant turn"),
     (json.dumps({"domain": "a", "prompt": "p", "response": "r", "messages": []}), "has both"),
 ]
 
@@ -245,3 +246,31 @@ def test_packed_row_equals_separate_examples_in_megatron_gpt():
 
     (diffs,) = run_distributed(megatron_packed_forward, 1, timeout=180)
     assert len(diffs) == 3 and max(diffs) < 1e-5, diffs
+
+
+def test_domain_loss_sums_match_a_loop():
+    gen = torch.Generator().manual_seed(0)
+    losses_BS = torch.rand(3, 7, generator=gen)
+    loss_mask_BS = (torch.rand(3, 7, generator=gen) > 0.3).float()
+    domain_ids_BS = torch.randint(-1, 3, (3, 7), generator=gen)
+    loss_mask_BS[domain_ids_BS < 0] = 0
+    loss_sum_D, tokens_D = D.domain_loss_sums(losses_BS, loss_mask_BS, domain_ids_BS, 3)
+    for d in range(3):
+        pairs = [(losses_BS[b, s].item(), loss_mask_BS[b, s].item()) for b in range(3) for s in range(7)
+                 if domain_ids_BS[b, s] == d]
+        assert loss_sum_D[d].item() == pytest.approx(sum(l * m for l, m in pairs), abs=1e-6)
+        assert tokens_D[d].item() == sum(m for _, m in pairs)
+
+
+def test_conversation_refused_by_the_template_is_a_bad_line(tmp_path, tokenizer):
+    alternating = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                   "{{ m['role'] }}: {{ m['content'] }}{{ '\n' }}{% endfor %}")
+    path = _write(tmp_path / "d.jsonl", [GOOD, json.dumps({"domain": "a", "messages": [CHAT[1], CHAT[3], CHAT[2]]})])
+    examples, report = D.read_jsonl(path)
+    dataset = D.InstructionDataset(examples, tokenizer, 32, chat_template=alternating, report=report)
+    assert dataset.domain_sizes() == {"a": 1}
+    assert [str(b) for b in report.bad_lines] == [
+        f"{path}:2: the chat template refused it: roles must alternate user/assistant"]
+    with pytest.raises(D.DataError, match=f"{path}:2: the chat template refused it"):
+        D.InstructionDataset(examples, tokenizer, 32, chat_template=alternating, strict=True)

@@ -271,6 +271,25 @@ def load_checkpoint(root, step: int | None = None, *, rank: int | None = None,
     return Checkpoint(step, path, world_size, shared, rank_state)
 
 
+def training_payloads(*, step: int, adapters: dict, optimizer_state, scheduler_state, sampler_state: dict,
+                      base: dict, layout: dict, config: dict | None = None) -> tuple:
+    """(shared_payload, rank_payload) in the layout the training loop saves and resumes from.
+
+    shared (rank 0's is written): ``step``, ``adapters`` (full tensors with global
+    names, e.g. ``adapter_state_dict(model)``, moved to the CPU), ``scheduler``,
+    ``data`` (the sampler's state dict), ``base`` (a reference such as
+    ``{"checkpoint": DIR}``), ``layout`` and ``config``. rank: ``optimizer``,
+    ``rng`` (``capture_rng_state()``) and ``layout``; the per-rank state only
+    applies at the same ``layout`` (e.g. ``{"tp":, "pp":, "ep":, "dp":}``), which
+    the loop compares before loading it.
+    """
+    shared = {"step": step, "adapters": {k: v.detach().cpu() for k, v in adapters.items()},
+              "scheduler": scheduler_state, "data": dict(sampler_state), "base": dict(base),
+              "layout": dict(layout), "config": config}
+    rank_payload = {"optimizer": optimizer_state, "rng": capture_rng_state(), "layout": dict(layout)}
+    return shared, rank_payload
+
+
 def capture_rng_state() -> dict:
     """RNG states of this process: torch CPU, CUDA (all devices) if available, python, numpy,
     and Megatron's model-parallel tracker when it is initialised."""

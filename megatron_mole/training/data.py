@@ -10,8 +10,9 @@ Roles are ``system``, ``user`` and ``assistant``. A line is *bad* (counted, repo
 as ``path:line: reason`` and skipped; ``strict=True`` raises on the first) when it
 is not valid UTF-8/JSON or not an object, lacks ``domain`` or the messages /
 prompt+response fields, has a field of the wrong type, an unknown role, no
-assistant turn, or an empty (blank) assistant turn or response. Blank lines are
-skipped silently.
+assistant turn, starts with an assistant turn, has an empty (blank) assistant
+turn or response, or the chat template refuses it. Blank lines are skipped
+silently.
 
 Tokenisation renders the conversation with the tokenizer's chat template, or
 ``DEFAULT_CHAT_TEMPLATE`` when it has none (the template that
@@ -80,7 +81,12 @@ class _BadRecord(ValueError):
 class Example:
     domain: str
     messages: tuple  # of {"role", "content"} dicts, validated
-    source: str  # "path:line"
+    path: str = "<memory>"
+    line: int = 0
+
+    @property
+    def source(self) -> str:
+        return f"{self.path}:{self.line}"
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,8 @@ def parse_record(record) -> tuple:
         messages.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in messages):
         raise _BadRecord("no assistant message (nothing to train on)")
+    if messages[0]["role"] == "assistant":  # nothing to prompt it; chat templates cannot render the prefix
+        raise _BadRecord("messages[0] is an assistant turn; a conversation starts with a system or user message")
     return domain, tuple(messages)
 
 
@@ -190,7 +198,7 @@ def read_jsonl(paths, strict: bool = False, report: DataReport | None = None) ->
                         raise DataError(f"bad data line {bad} (strict=True)") from None
                     report.bad_lines.append(bad)
                     continue
-                examples.append(Example(domain, messages, f"{path}:{number}"))
+                examples.append(Example(domain, messages, str(path), number))
     return examples, report
 
 
@@ -242,10 +250,17 @@ class TokenizedExample:
 
 
 class InstructionDataset:
-    """Tokenised examples grouped by domain (domains sorted by name)."""
+    """Tokenised examples grouped by domain (domains sorted by name).
+
+    A conversation the chat template itself refuses (templates may raise, e.g. on
+    roles that do not alternate) is a bad line like any other: reported and
+    skipped, or an error under ``strict``.
+    """
 
     def __init__(self, examples: Iterable[Example], tokenizer, seq_length: int,
-                 chat_template: str | None = None, report: DataReport | None = None):
+                 chat_template: str | None = None, report: DataReport | None = None, strict: bool = False):
+        from jinja2 import TemplateError
+
         if seq_length < 2:
             raise DataError(f"seq_length must be >= 2, got {seq_length}")
         self.seq_length = seq_length
@@ -253,7 +268,14 @@ class InstructionDataset:
         self.pad_token_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
         by_domain = {}
         for example in examples:
-            ids_L, supervised_L = tokenize_messages(tokenizer, example.messages, chat_template)
+            try:
+                ids_L, supervised_L = tokenize_messages(tokenizer, example.messages, chat_template)
+            except TemplateError as error:
+                bad = BadLine(example.path, example.line, f"the chat template refused it: {error}")
+                if strict:
+                    raise DataError(f"bad data line {bad} (strict=True)") from None
+                self.report.bad_lines.append(bad)
+                continue
             if len(ids_L) > seq_length + 1:  # a row of S positions holds S+1 tokens
                 self.report.num_truncated += 1
                 ids_L, supervised_L = ids_L[: seq_length + 1], supervised_L[: seq_length + 1]
@@ -271,7 +293,7 @@ class InstructionDataset:
     def from_jsonl(cls, paths, tokenizer, seq_length: int, strict: bool = False,
                    chat_template: str | None = None):
         examples, report = read_jsonl(paths, strict=strict)
-        return cls(examples, tokenizer, seq_length, chat_template, report)
+        return cls(examples, tokenizer, seq_length, chat_template, report, strict)
 
     def domain_sizes(self) -> dict:
         return {d: len(e) for d, e in zip(self.domains, self.examples)}
@@ -325,6 +347,23 @@ def packed_attention_mask(segment_ids_BS: torch.Tensor) -> torch.Tensor:
     causal_SS = torch.ones(S, S, dtype=torch.bool, device=segment_ids_BS.device).tril()
     padding_BSS = (segment_ids_BS == 0)[:, :, None] & ~torch.eye(S, dtype=torch.bool, device=segment_ids_BS.device)
     return ~(same_BSS & causal_SS & ~padding_BSS)[:, None]
+
+
+def domain_loss_sums(losses_BS: torch.Tensor, loss_mask_BS: torch.Tensor, domain_ids_BS: torch.Tensor,
+                     num_domains: int) -> tuple:
+    """(loss_sum_D, tokens_D): masked per-token losses and trained-token counts summed per domain.
+
+    Sums, not means, so that the loop can all-reduce them over data-parallel ranks
+    and micro batches before dividing. Padding (domain -1) has loss_mask 0.
+    """
+    weights_N = loss_mask_BS.reshape(-1).to(torch.float32)
+    domains_N = domain_ids_BS.reshape(-1).clamp(min=0).to(losses_BS.device)
+    weights_N = weights_N.to(losses_BS.device)
+    loss_sum_D = torch.zeros(num_domains, dtype=torch.float32, device=losses_BS.device)
+    tokens_D = torch.zeros(num_domains, dtype=torch.float32, device=losses_BS.device)
+    loss_sum_D.index_add_(0, domains_N, losses_BS.reshape(-1).detach().float() * weights_N)
+    tokens_D.index_add_(0, domains_N, weights_N)
+    return loss_sum_D, tokens_D
 
 
 def split_microbatches(batch: dict, micro_batch_size: int) -> list:
