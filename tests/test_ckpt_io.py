@@ -62,25 +62,29 @@ def test_keep_last_prunes_oldest(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_4", "step_5"]
 
 
-def test_several_ranks_write_their_own_files(tmp_path):
-    world = 3
+def _save_as_ranks(root, step, world):
+    """Every rank of a ``world`` saves ``step``, one thread per rank; returns the errors raised."""
     barrier = threading.Barrier(world, timeout=30)
     errors = []
 
     def rank_main(rank):
         try:
-            C.save_checkpoint(tmp_path, 7, _rank(7, rank), shared_payload=_shared(7) if rank == 0 else {"ignored": 1},
+            C.save_checkpoint(root, step, _rank(step, rank), shared_payload=_shared(step) if rank == 0 else {"x": 1},
                               rank=rank, world_size=world, barrier=barrier.wait, keep_last=1)
-        except BaseException as error:  # noqa: BLE001 - surfaced below
+        except BaseException as error:  # noqa: BLE001 - returned to the test
             errors.append(error)
-            barrier.abort()
 
     threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert not errors, errors
+    return errors
+
+
+def test_several_ranks_write_their_own_files(tmp_path):
+    world = 3
+    assert _save_as_ranks(tmp_path, 7, world) == []
     for rank in range(world):
         loaded = C.load_checkpoint(tmp_path, rank=rank)
         assert loaded.world_size == world
@@ -88,6 +92,9 @@ def test_several_ranks_write_their_own_files(tmp_path):
         _assert_equal(loaded.shared, _shared(7))
     with pytest.raises(C.CheckpointError, match="saved by 3 ranks; it has no state for rank 3"):
         C.load_checkpoint(tmp_path, rank=3)
+    # Refusing to overwrite the latest happens on every rank before any barrier: no rank is left waiting.
+    errors = _save_as_ranks(tmp_path, 7, world)
+    assert len(errors) == world and all(isinstance(e, C.CheckpointError) for e in errors), errors
 
 
 def test_missing_and_corrupt_files_are_named(tmp_path):

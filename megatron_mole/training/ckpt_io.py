@@ -143,12 +143,8 @@ def _commit(root: Path, step: int, tmp: Path, world_size: int, keep_last: int | 
     _fsync_dir(tmp)
 
     final = step_dir(root, step)
-    if final.exists():
-        current = latest_step(root)
-        if current is not None and step <= current:
-            raise CheckpointError(f"{final} already exists and is not newer than latest (step_{current}); "
-                                  f"refusing to overwrite it (save into another directory)")
-        _discard(final, root / f".trash_step_{step}")  # an orphan of a save killed before 'latest'
+    if final.exists():  # not the latest (checked by every rank on entry): an orphan of a killed save
+        _discard(final, root / f".trash_step_{step}")
     os.rename(tmp, final)
     _fsync_dir(root)
     _write_durable(root / (LATEST + ".tmp"), f"step_{step}\n".encode())
@@ -184,6 +180,12 @@ def save_checkpoint(root, step: int, rank_payload, *, shared_payload=None, rank:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
     barrier = barrier or (lambda: None)
     root = Path(root)
+    # Every rank checks (the directory is shared), so all of them refuse together instead of
+    # leaving the others waiting at a barrier that rank 0 never reaches.
+    current = latest_step(root)
+    if step_dir(root, step).exists() and current is not None and step <= current:
+        raise CheckpointError(f"{step_dir(root, step)} already exists and is not newer than latest "
+                              f"(step_{current}); refusing to overwrite it (save into another directory)")
     tmp = root / f".tmp_step_{step}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
