@@ -118,7 +118,7 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
     modules = dict(model.named_modules())
     hits = {p: [] for p in cfg.targets}
     for path, mod in modules.items():
-        if not isinstance(mod, (ColumnParallelLinear, RowParallelLinear, MLP)):
+        if not isinstance(mod, (ColumnParallelLinear, RowParallelLinear)):
             continue
         gpath = gpaths[path]
         for pattern in cfg.targets:
@@ -128,19 +128,21 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
                 continue
             in_experts = ".mlp.experts." in f".{gpath}."
             in_shared = ".shared_experts." in f".{gpath}."
-            bare = "." not in pattern
             if in_experts or (in_shared and cfg.expert_scope == "mlp"):
-                if bare:
+                if "." not in pattern:  # bare names skip what "mole" cannot adapt
                     continue
                 raise NotImplementedError(
                     f"target {pattern!r} matches {gpath!r}, inside an MoE "
                     f"{'shared expert' if in_shared else 'routed expert'}: not supported by "
                     f"method 'mole'{' with expert_scope=mlp' if in_shared else ''}")
-            if isinstance(mod, MLP):
-                raise ValueError(f"target {pattern!r} matches the MLP {gpath!r}: name its linears "
-                                 f"(linear_fc1, linear_fc2)")
             hits[pattern].append(path)
     empty = [p for p, paths in hits.items() if not paths]
+    for pattern in empty:
+        mlps = [gpaths[p] for p, m in modules.items() if isinstance(m, MLP)
+                and pattern_matches(pattern, gpaths[p])]
+        if mlps:
+            raise ValueError(f"MoLEConfig.targets: {pattern!r} matches the MLP {mlps[0]!r}, not a "
+                             f"linear: name its linears (linear_fc1, linear_fc2)")
     if empty:
         raise ValueError(f"MoLEConfig.targets: pattern(s) {empty} match no adapter-able module "
                          f"(Megatron Column/RowParallelLinear outside MoE experts"
