@@ -215,20 +215,26 @@ def render_segments(tokenizer, messages: Sequence[dict], chat_template: str | No
         return tokenizer.apply_chat_template(list(prefix), chat_template=template, tokenize=False,
                                              add_generation_prompt=generation_prompt)
 
+    def check_prefix(prefix, whole, i):
+        if not whole.startswith(prefix):
+            raise DataError(
+                f"chat template is not prefix-stable at messages[{i}]: the rendering of the conversation "
+                f"before it ({prefix[-60:]!r}) does not start the rendering with it ({whole[-60:]!r}); "
+                f"pass a chat_template whose turns only append")
+
     segments, done = [], ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         before = render(messages[:i], True)
         after = render(messages[: i + 1], False)
-        if not before.startswith(done) or not after.startswith(before):
-            raise DataError(
-                f"chat template is not prefix-stable at messages[{i}]: rendering the conversation up to "
-                f"the assistant turn does not prefix the rendering with it ({before[-60:]!r} vs "
-                f"{after[len(done):len(done) + 60]!r}); pass a chat_template whose turns only append")
+        check_prefix(done, before, i)
+        check_prefix(before, after, i)
         segments += [(before[len(done):], False), (after[len(before):], True)]
         done = after
-    segments.append((render(messages, False)[len(done):], False))
+    whole = render(messages, False)
+    check_prefix(done, whole, len(messages) - 1)
+    segments.append((whole[len(done):], False))
     return [(text, is_assistant) for text, is_assistant in segments if text]
 
 
