@@ -274,3 +274,13 @@ def test_conversation_refused_by_the_template_is_a_bad_line(tmp_path, tokenizer)
         f"{path}:2: the chat template refused it: roles must alternate user/assistant"]
     with pytest.raises(D.DataError, match=f"{path}:2: the chat template refused it"):
         D.InstructionDataset(examples, tokenizer, 32, chat_template=alternating, strict=True)
+
+
+def test_tokenizer_without_template_uses_the_default_format(tokenizer):
+    import copy
+
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    ids_L, supervised_L = D.tokenize_messages(bare, CHAT[1:3])
+    assert bare.decode(ids_L) == "<s><|user|>\nWhat is 2 + 3?\n<|assistant|>\n5</s>"
+    assert bare.decode(ids_L[supervised_L == 1]) == "5</s>"

@@ -209,7 +209,8 @@ def render_segments(tokenizer, messages: Sequence[dict], chat_template: str | No
     render(messages[:i], add_generation_prompt=True); this needs templates whose
     renderings of prefixes are prefixes of the whole (true for the common ones).
     """
-    template = chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    # None lets transformers pick the tokenizer's own template (which may be a dict of named ones).
+    template = chat_template or (None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE)
 
     def render(prefix, generation_prompt):
         return tokenizer.apply_chat_template(list(prefix), chat_template=template, tokenize=False,
