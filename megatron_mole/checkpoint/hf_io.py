@@ -1,9 +1,8 @@
 """Hugging Face checkpoint files: lazy, validated reading and sharded writing.
 
-:class:`HFCheckpoint` opens every safetensors shard once (``safe_open`` maps the file;
-a tensor is read only when asked for), checks up front that the index and the shards
-agree, and reports a missing or truncated shard by file name before anything is
-converted. Shapes and dtypes come from the headers, so a whole checkpoint is validated
+:class:`HFCheckpoint` parses every safetensors header once (a tensor is read only when
+asked for), checks up front that the index and the shards agree, and reports a missing
+or truncated shard by file name before anything is converted. Shapes and dtypes come from the headers, so a whole checkpoint is validated
 without reading its data.
 
 :func:`write_shards` writes one file at a time, so exporting holds at most one shard of
@@ -18,7 +17,6 @@ import shutil
 from typing import Callable, Dict, Iterable, List, Sequence
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 __all__ = [
@@ -55,8 +53,19 @@ def dtype_from_name(name: str) -> torch.dtype:
     return dtype
 
 
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
 class HFCheckpoint(contextlib.AbstractContextManager):
-    """The safetensors weights of a Hugging Face model directory, opened lazily."""
+    """The safetensors weights of a Hugging Face model directory, read lazily.
+
+    Headers are parsed here and tensors read with plain file reads rather than through
+    ``safe_open``'s memory map: mapped pages that were read count in the process's RSS
+    until it exits, so converting a model would look (and, under memory limits, be)
+    twice its size.
+    """
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -81,61 +90,46 @@ class HFCheckpoint(contextlib.AbstractContextManager):
                 + (f" (found {others}; only safetensors checkpoints are read)" if others else "")
             )
         files = [SINGLE_NAME] if self.weight_map is None else sorted(set(self.weight_map.values()))
-        self._stack = contextlib.ExitStack()
-        self._handles = {}
-        self._keys = {}
+        self._entries = {}  # file -> {key: header entry}
+        self._data_start = {}
         self.file_metadata = {}
-        try:
-            for name in files:
-                self._open(name)
-        except BaseException:
-            self._stack.close()
-            raise
+        for name in files:
+            self._read_header(name)
         if self.weight_map is None:
-            self.weight_map = {k: SINGLE_NAME for k in self._handles[SINGLE_NAME].keys()}
+            self.weight_map = {k: SINGLE_NAME for k in self._entries[SINGLE_NAME]}
         for key, name in self.weight_map.items():
-            if key not in self._keys[name]:
+            if key not in self._entries[name]:
                 raise CheckpointError(f"tensor {key!r} is listed in {INDEX_NAME} under {name} but {name} lacks it")
 
-    def _open(self, name):
+    def _read_header(self, name):
         path = os.path.join(self.directory, name)
         if not os.path.exists(path):
             raise CheckpointError(f"shard {name} listed in {INDEX_NAME} is missing from {self.directory}")
-        self._check_extent(path)
-        try:
-            handle = self._stack.enter_context(safe_open(path, framework="pt"))
-        except Exception as err:  # safetensors raises its own error types
-            raise CheckpointError(f"shard {path} cannot be read: {err}") from err
-        self._handles[name] = handle
-        self._keys[name] = set(handle.keys())
-        self.file_metadata[name] = handle.metadata()
-
-    @staticmethod
-    def _check_extent(path):
-        # A file cut short after its header would only fail when a tensor is read;
-        # compare the extent its header describes with the file size instead.
         size = os.path.getsize(path)
         try:
             with open(path, "rb") as f:
                 header_len = int.from_bytes(f.read(8), "little")
                 if 8 + header_len > size:
-                    raise ValueError(f"header of {header_len} bytes exceeds the file")
+                    raise ValueError(f"its header of {header_len} bytes exceeds the file")
                 header = json.loads(f.read(header_len))
-            data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            self.file_metadata[name] = header.pop("__metadata__", None)
+            data_end = max((v["data_offsets"][1] for v in header.values()), default=0)
+            for key, entry in header.items():
+                if entry["dtype"] not in _DTYPES:
+                    raise ValueError(f"tensor {key!r} has unsupported dtype {entry['dtype']}")
         except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"shard {path} is truncated or not a safetensors file ({err})") from err
+            raise CheckpointError(f"shard {path} is truncated or not a safetensors file: {err}") from err
+        # A file cut short after its header would otherwise fail only when a tensor is read.
         if 8 + header_len + data_end > size:
             raise CheckpointError(
                 f"shard {path} is truncated: its header describes {8 + header_len + data_end} bytes, "
                 f"the file has {size}"
             )
+        self._entries[name] = header
+        self._data_start[name] = 8 + header_len
 
     def __exit__(self, *exc):
-        self._stack.close()
         return False
-
-    def close(self):
-        self._stack.close()
 
     def keys(self) -> List[str]:
         return list(self.weight_map)
@@ -143,24 +137,29 @@ class HFCheckpoint(contextlib.AbstractContextManager):
     def file_of(self, key: str) -> str:
         return self.weight_map[key]
 
-    def _handle(self, key):
+    def _entry(self, key):
         if key not in self.weight_map:
             raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {self.directory}")
-        return self._handles[self.weight_map[key]]
+        return self._entries[self.weight_map[key]][key]
 
     def shape(self, key: str) -> List[int]:
-        return list(self._handle(key).get_slice(key).get_shape())
+        return list(self._entry(key)["shape"])
 
     def dtype(self, key: str) -> torch.dtype:
-        code = self._handle(key).get_slice(key).get_dtype()
-        names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                 "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-        if code not in names:
-            raise CheckpointError(f"tensor {key!r} in {self.file_of(key)} has unsupported dtype {code}")
-        return names[code]
+        return _DTYPES[self._entry(key)["dtype"]]
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handle(key).get_tensor(key)
+        entry, name = self._entry(key), self.weight_map[key]
+        begin, end = entry["data_offsets"]
+        buffer = bytearray(end - begin)
+        with open(os.path.join(self.directory, name), "rb") as f:
+            f.seek(self._data_start[name] + begin)
+            if f.readinto(buffer) != len(buffer):
+                raise CheckpointError(f"tensor {key!r}: {name} ended before its data")
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=self.dtype(key))
+        # safetensors stores little-endian data, as every platform torch runs on.
+        return torch.frombuffer(buffer, dtype=self.dtype(key)).reshape(entry["shape"])
 
 
 def copy_side_files(src: str, dst: str) -> List[str]:

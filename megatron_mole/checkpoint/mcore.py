@@ -133,10 +133,11 @@ def single_process_runtime():
 
 def _load_into(model, ckpt_dir: str):
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
-    except Exception as err:
+    except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
         raise CheckpointError(f"cannot load the distributed checkpoint {ckpt_dir}: {err}") from err
     model.load_state_dict(state, strict=True)
 
