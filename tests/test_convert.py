@@ -35,8 +35,11 @@ CASES = {
     "llama3_rope": ("LlamaConfig", dict(rope_parameters=dict(
         rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=8192), max_position_embeddings=16384), {}),
-    "llama_linear_rope_bf16": ("LlamaConfig", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0,
-                                                                        factor=2.0)), dict(dtype="bfloat16")),
+    # bf16 on disk, float32 in Megatron (widening: still bit-exact back)
+    "llama_linear_rope_bf16_to_fp32": ("LlamaConfig", dict(rope_parameters=dict(
+        rope_type="linear", rope_theta=10000.0, factor=2.0)), dict(dtype="bfloat16", convert_dtype="float32")),
+    # bf16 kept in Megatron; verify casts the loaded weights to fp32
+    "llama_bf16": ("LlamaConfig", {}, dict(dtype="bfloat16")),
     "mistral_window_headdim": ("MistralConfig", dict(sliding_window=5, head_dim=32), {}),
     "qwen2_bias_tied_padded": ("Qwen2Config", dict(tie_word_embeddings=True, rms_norm_eps=1e-5, vocab_size=120), {}),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), {}),
@@ -46,8 +49,9 @@ CASES = {
                           dict(max_shard_size="60KB")),
     "qwen2_moe_norm_topk": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                                    shared_expert_intermediate_size=48, norm_topk_prob=True), {}),
+    "qwen2_moe_fused": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=1, moe_intermediate_size=32,
+                                               shared_expert_intermediate_size=48), dict(fused=True)),
 }
-MOE_CASES = [n for n, (cls, _, _) in CASES.items() if "Moe" in cls or "Mixtral" in cls]
 
 
 def _randomise(model, seed):
@@ -62,25 +66,30 @@ def _randomise(model, seed):
 
 
 def _fuse_experts(directory):
-    """Rewrite a per-expert Mixtral file in transformers 5.x's fused in-memory layout."""
+    """Rewrite per-expert files in transformers 5.x's fused in-memory layout:
+    ``mlp.experts.gate_up_proj [E, 2F, H]`` ([gate; up] per expert), ``mlp.experts.down_proj``."""
+    import re
+
     from safetensors.torch import load_file, save_file
 
     path = os.path.join(directory, "model.safetensors")
     sd = load_file(path)
-    out, layers = {}, set()
+    # Mixtral names its per-expert projections w1 (gate), w3 (up), w2 (down).
+    names = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+    pattern = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight$")
+    out, experts = {}, {}
     for key, value in sd.items():
-        if ".block_sparse_moe." in key:
-            layers.add(int(key.split(".")[2]))
+        match = pattern.match(key)
+        if match:
+            layer, expert, proj = int(match[1]), int(match[2]), names[match[3]]
+            experts.setdefault(layer, {}).setdefault(expert, {})[proj] = value
         else:
-            out[key] = value
-    for layer in sorted(layers):
-        prefix = f"model.layers.{layer}.block_sparse_moe."
-        experts = sorted({int(k[len(prefix) + 8:].split(".")[0]) for k in sd if k.startswith(prefix + "experts.")})
-        out[f"model.layers.{layer}.mlp.gate.weight"] = sd[prefix + "gate.weight"]
+            out[key.replace(".block_sparse_moe.", ".mlp.")] = value
+    for layer, per_expert in experts.items():
+        order = [per_expert[e] for e in sorted(per_expert)]
         out[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([sd[f"{prefix}experts.{e}.w1.weight"], sd[f"{prefix}experts.{e}.w3.weight"]]) for e in experts])
-        out[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack(
-            [sd[f"{prefix}experts.{e}.w2.weight"] for e in experts])
+            [torch.cat([w["gate"], w["up"]]) for w in order])
+        out[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack([w["down"] for w in order])
     save_file(out, path, metadata={"format": "pt"})
 
 
@@ -115,8 +124,7 @@ def _convert_all(root, names):
     for name in names:
         hf, mcore, back = (os.path.join(root, name, d) for d in ("hf", "mcore", "back"))
         make_hf_model(name, hf)
-        dtype = "float32" if name.endswith("bf16") else None  # widening: still bit-exact back
-        hf_to_mcore(hf, mcore, dtype=dtype)
+        hf_to_mcore(hf, mcore, dtype=CASES[name][2].get("convert_dtype"))
         mcore_to_hf(mcore, back)
         out[name] = max_logits_difference(hf, mcore, seq=16)
     return out
@@ -231,7 +239,3 @@ def test_verify_at_tp2_pp2_ep2(converted):
             assert diff <= TOLERANCE, (layout, diff)
         assert status == 0
     assert results[0] == results[1]  # every rank reports the same all-reduced maximum
-
-
-def test_moe_cases_are_listed():
-    assert {"mixtral", "mixtral_fused", "qwen2_moe_sharded", "qwen2_moe_norm_topk"} <= set(MOE_CASES)

@@ -174,6 +174,8 @@ def _errors_against_the_model(root, llama_dir):
     variant("shape", intermediate_size=80)
     variant("missing", lambda sd: sd.pop("model.layers.1.self_attn.k_proj.weight"))
     variant("extra", lambda sd: sd.__setitem__("model.layers.0.mlp.extra.weight", torch.zeros(2)))
+    # Old checkpoints carry rotary buffers: ignored on import, not written back.
+    variant("inv_freq", lambda sd: sd.__setitem__("model.layers.0.self_attn.rotary_emb.inv_freq", torch.ones(8)))
     good = os.path.join(root, "good_out")
     hf_to_mcore(llama_dir, good)
     os.remove(next(os.path.join(good, "dist_ckpt", n) for n in os.listdir(os.path.join(good, "dist_ckpt"))
@@ -197,4 +199,5 @@ def test_errors_against_the_model(llama_dir, tmp_path):
     assert "CheckpointError" in messages["damaged_dist"] and "good_out" in messages["damaged_dist"]
     assert messages["cli_status"] == 2
     # Only the inputs and the one good conversion remain: no partial or temporary output.
-    assert messages["listing"] == ["extra", "good_out", "missing", "shape"]
+    assert messages["inv_freq"] is None
+    assert messages["listing"] == ["extra", "good_out", "inv_freq", "inv_freq_out", "missing", "shape"]

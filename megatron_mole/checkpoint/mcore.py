@@ -150,9 +150,10 @@ def load_model(
 ):
     """Build the GPTModel of a converted checkpoint at the current layout and load it.
 
-    Call under :func:`megatron_mole.init_distributed`. ``params_dtype`` casts the loaded
-    weights (e.g. ``torch.float32`` to verify a bf16 checkpoint); ``config_overrides``
-    replaces TransformerConfig fields (fusions on GPUs, recomputation, dispatcher).
+    Call under :func:`megatron_mole.init_distributed`. ``params_dtype`` builds the model
+    in another dtype than the checkpoint's (e.g. ``torch.float32`` to verify a bf16 one);
+    ``config_overrides`` replaces TransformerConfig fields (fusions on GPUs, recomputation,
+    the MoE dispatcher).
     """
     from megatron_mole import runtime
 
@@ -160,14 +161,8 @@ def load_model(
     if device is None:
         device = runtime.get_device()
     saved_dtype = dtype_from_name(spec["params_dtype"])
-    model = build_gpt_model(spec, saved_dtype, device=device, config_overrides=config_overrides)
+    # Built at the requested dtype: Megatron fixes bf16/fp16 handling (softmax casts,
+    # pipeline buffers) at construction. Loading casts each tensor (exact when widening).
+    model = build_gpt_model(spec, params_dtype or saved_dtype, device=device, config_overrides=config_overrides)
     _load_into(model, os.path.join(mcore_dir, DIST_DIR))
-    if params_dtype is not None and params_dtype != saved_dtype:
-        # Build at the saved dtype and cast after loading: bit-exact for widening casts.
-        model.to(params_dtype)
-        model.config.params_dtype = params_dtype
-        model.config.bf16 = params_dtype == torch.bfloat16
-        model.config.fp16 = params_dtype == torch.float16
-        if model.config.pipeline_dtype is not None:
-            model.config.pipeline_dtype = params_dtype
     return model
