@@ -1,0 +1,392 @@
+"""The training loop of ``megatron-mole train``, on Megatron-core's own machinery.
+
+``train(cfg)`` runs in every rank (torchrun): ``init_distributed`` at the config's
+layout, ``checkpoint.load_model`` (the converted base, resharded to this layout),
+``apply_mole`` (freezes the base), Megatron's ``DistributedDataParallel`` and
+``get_megatron_optimizer`` (Adam, optionally its distributed optimizer) over the
+adapter parameters only, Megatron's ``OptimizerParamScheduler`` (linear warmup,
+then constant/linear/cosine decay), and ``get_forward_backward_func`` over the
+micro-batches of each global batch (1F1B under pipeline parallelism).
+
+Notable:
+
+- **Loss normalisation.** A step's loss is the mean over every supervised (response)
+  token of the global batch, whatever the data-parallel size or micro-batch split.
+  Every rank builds the whole global batch (sampler.py), so each knows the token
+  count N; a micro-batch returns ``sum(losses) * num_microbatches * dp / N``, which
+  the schedule divides by ``num_microbatches`` and DDP averages over ``dp``.
+- **Aux losses** (MoLE load balance, z-loss) ride on activations
+  (``routing.AuxLossScaler``) with gradient scale ``1 / num_microbatches``, the
+  scaling Megatron's schedules give its own MoE aux losses: the routers get the
+  gradient of (main loss + mean over micro-batches and DP ranks of the aux losses).
+- **Padding** is passed to the model as ``padding_mask`` so routers leave it out of
+  their aux losses, except under sequence parallelism (Megatron scatters the mask on
+  the first pipeline stage only, while MoLE layers see the gathered sequence).
+- **Precision**: ``auto`` is fp32 on CPU and bf16 on GPUs: the base is loaded in
+  bf16, adapters are created in the base's dtype (routers stay fp32), and
+  Megatron's mixed-precision optimizer keeps fp32 main parameters (saved in
+  checkpoints, so a bf16 resume keeps them exactly too).
+- **Checkpoints** (ckpt_io, atomic, last K kept) hold the full adapter tensors with
+  global names, the scheduler, the sampler position, the base reference, the layout
+  and the config (shared), and per rank the inner optimizer state, fp32 main params
+  and all RNG states. Resuming at the same layout restores everything: the losses of
+  the uninterrupted run are reproduced bit for bit (fp32). At another TP/PP/EP/DP
+  layout the adapters, scheduler and data position are restored and the optimizer
+  state is rebuilt (fresh Adam moments), which the log says.
+- **LR schedule**: step i (1-based) runs at the schedule's value after i scheduler
+  increments, so the first step trains (Megatron's warmup starts at 0); decay ends
+  one step after ``max_steps``. Config values win over a checkpoint's on resume.
+
+Legend: G global batch rows, B rows on this rank, S sequence length, D domains.
+"""
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from megatron_mole.training import ckpt_io
+from megatron_mole.training.data import InstructionDataset, domain_loss_sums, packed_attention_mask, \
+    split_microbatches
+from megatron_mole.training.logging import RouterLoadMonitor, StepLogger, gather_router_stats, weighted_aux_loss
+from megatron_mole.training.sampler import GlobalBatchLoader
+from megatron_mole.training.train_config import ConfigError, TrainConfig, config_to_dict
+
+
+@dataclass
+class TrainResult:
+    records: list = field(default_factory=list)  # the step records (rank 0 logs them; all ranks hold them)
+    start_step: int = 0
+    final_step: int = 0
+    data_report: object = None
+    optimizer_rebuilt: bool = False  # resumed at another layout
+    last_checkpoint: str | None = None
+
+
+def tokenizer_dir(cfg: TrainConfig) -> str:
+    """``base.tokenizer``, else the converted checkpoint's copy of the HF files, else the checkpoint dir."""
+    if cfg.base.tokenizer:
+        return cfg.base.tokenizer
+    copied = Path(cfg.base.checkpoint) / "hf"
+    return str(copied) if (copied / "tokenizer_config.json").is_file() else cfg.base.checkpoint
+
+
+def build_dataset(cfg: TrainConfig) -> InstructionDataset:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg))
+    return InstructionDataset.from_jsonl(cfg.data.paths, tokenizer, cfg.data.seq_length, strict=cfg.data.strict)
+
+
+def _start_runtime(cfg: TrainConfig):
+    """init_distributed at the config's layout; switches the layout of a running runtime (several jobs
+    in one process, e.g. tests or notebooks)."""
+    from megatron_mole import runtime
+
+    p = cfg.parallel
+    if p.vpp not in (None, 1):
+        raise ConfigError("parallel.vpp", f"virtual pipeline stages are not supported by the base loader yet, "
+                                          f"got vpp={p.vpp}")
+    if runtime.is_initialized():
+        info = runtime.get_runtime()
+        if (info.tp, info.pp, info.ep) != (p.tp, p.pp, p.ep):
+            info = runtime.set_model_parallel(tp=p.tp, pp=p.pp, ep=p.ep, seed=cfg.seed)
+    else:
+        info = runtime.init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, seed=cfg.seed)
+    p.data_parallel_size(info.world_size)  # checks the batch sizes against this world
+    return info
+
+
+def _precision(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    name = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+def _file_sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def _sub_optimizers(optimizer) -> list:
+    return [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if getattr(o, "optimizer", None)]
+
+
+def _main_param_groups(sub):
+    """fp32 main copies of low-precision params (distributed or plain mixed-precision optimizer)."""
+    for name in ("shard_fp32_from_float16_groups", "fp32_from_float16_groups"):
+        groups = getattr(sub, name, None)
+        if groups and any(len(g) for g in groups):
+            return groups
+    return None
+
+
+def optimizer_state(optimizer) -> list:
+    """Per-rank state of a Megatron optimizer: each sub-optimizer's inner torch state and fp32 mains."""
+    out = []
+    for sub in _sub_optimizers(optimizer):
+        mains = _main_param_groups(sub)
+        out.append({"inner": _to_cpu(sub.optimizer.state_dict()),
+                    "main_params": None if mains is None else [[_to_cpu(p) for p in g] for g in mains]})
+    return out
+
+
+def load_optimizer_state(optimizer, state: list):
+    subs = _sub_optimizers(optimizer)
+    if len(subs) != len(state):
+        raise ckpt_io.CheckpointError(f"the checkpoint holds {len(state)} optimizer(s), this run builds {len(subs)}")
+    for sub, entry in zip(subs, state):
+        sub.optimizer.load_state_dict(entry["inner"])
+        mains = _main_param_groups(sub)
+        if (mains is None) != (entry["main_params"] is None):
+            raise ckpt_io.CheckpointError("the checkpoint's fp32 main parameters do not match this run's precision")
+        if mains is not None:
+            with torch.no_grad():
+                for group, saved in zip(mains, entry["main_params"]):
+                    for param, value in zip(group, saved):
+                        param.copy_(value)
+
+
+class Trainer:
+    """One training job in this rank; ``run()`` trains to ``schedule.max_steps``."""
+
+    def __init__(self, cfg: TrainConfig):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        import megatron_mole as mm
+        from megatron_mole.checkpoint.mcore import load_model
+
+        self.cfg = cfg
+        self.info = _start_runtime(cfg)
+        self.rank, self.device = self.info.rank, self.info.device
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.layout = {"world_size": self.info.world_size, "tp": self.info.tp, "pp": self.info.pp,
+                       "ep": self.info.ep, "dp": self.dp, "distributed_optimizer": cfg.optimizer.distributed}
+        self.logger = None
+        self.dtype = _precision(cfg, self.device)
+
+        self.dataset = build_dataset(cfg)
+        self.loader = GlobalBatchLoader(self.dataset, cfg.parallel.global_batch, weights=cfg.data.domain_weights,
+                                        seed=cfg.data_seed, packing=cfg.data.packing, dp_rank=self.dp_rank,
+                                        dp_size=self.dp)
+
+        overrides = {"sequence_parallel": True} if cfg.parallel.sequence_parallel else None
+        model = load_model(cfg.base.checkpoint, params_dtype=self.dtype, config_overrides=overrides,
+                           device=self.device)
+        self.mole_config = mm.MoLEConfig(**cfg.mole)
+        mm.apply_mole(model, self.mole_config)
+        self.monitor = RouterLoadMonitor(model)
+        config = model.config
+        self.sequence_parallel = bool(config.sequence_parallel)
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=cfg.optimizer.distributed)
+        self.model = DistributedDataParallel(config, ddp_config, model)
+        o = cfg.optimizer
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=cfg.schedule.min_lr, weight_decay=o.weight_decay,
+                            adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.clip_grad,
+                            bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
+                            use_distributed_optimizer=o.distributed),
+            [self.model])
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = self.model.no_sync
+        config.grad_scale_func = self.optimizer.scale_loss
+        s = cfg.schedule
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=s.min_lr, lr_warmup_steps=s.warmup_steps,
+            lr_decay_steps=s.max_steps + 1, lr_decay_style=s.decay_style, start_wd=o.weight_decay,
+            end_wd=o.weight_decay, wd_incr_steps=s.max_steps + 1, wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
+        self.scheduler.step(increment=1)  # the LR of step 1 (see the module docstring)
+        self.step = 0
+        self.optimizer_rebuilt = False
+        self.base_ref = {"checkpoint": os.path.abspath(cfg.base.checkpoint),
+                         "spec_sha256": _file_sha256(Path(cfg.base.checkpoint) / "mcore_config.json")}
+
+    # ------------------------------------------------------------------ checkpoints
+    def resume(self):
+        ck = self.cfg.checkpoint
+        if ck.load_dir is None:
+            return
+        from megatron_mole.model import load_adapter_state_dict
+
+        checkpoint = ckpt_io.load_checkpoint(ck.load_dir, ck.load_step)
+        shared = checkpoint.shared
+        if shared is None or "adapters" not in shared:
+            raise ckpt_io.CheckpointError(f"{checkpoint.path} holds no adapter state (not a training checkpoint)")
+        if shared["base"].get("spec_sha256") != self.base_ref["spec_sha256"]:
+            self._info(f"warning: {checkpoint.path} was trained on base {shared['base'].get('checkpoint')}, "
+                       f"whose spec differs from {self.base_ref['checkpoint']}")
+        load_adapter_state_dict(self.model, shared["adapters"])
+        self.scheduler.load_state_dict(shared["scheduler"])
+        self.loader.load_state_dict(shared["data"])
+        self.step = int(shared["step"])
+        if shared["layout"] == self.layout and checkpoint.world_size == self.info.world_size:
+            rank_state = ckpt_io.load_checkpoint(ck.load_dir, checkpoint.step, rank=self.rank).rank_state
+            load_optimizer_state(self.optimizer, rank_state["optimizer"])
+            ckpt_io.restore_rng_state(rank_state["rng"])
+            self._info(f"resumed from {checkpoint.path} at step {self.step} (same layout: optimizer, "
+                       f"scheduler, data position and RNG restored)")
+        else:
+            self.optimizer_rebuilt = True
+            self._info(f"resumed from {checkpoint.path} at step {self.step}: it was saved at layout "
+                       f"{shared['layout']}, this run has {self.layout}; adapters, scheduler and data position "
+                       f"restored, optimizer state rebuilt (fresh Adam moments), RNG not restored")
+
+    def save(self) -> Path:
+        import torch.distributed as dist
+
+        from megatron_mole.model import adapter_state_dict
+
+        ck = self.cfg.checkpoint
+        shared, rank_payload = ckpt_io.training_payloads(
+            step=self.step, adapters=adapter_state_dict(self.model), optimizer_state=optimizer_state(self.optimizer),
+            scheduler_state=self.scheduler.state_dict(), sampler_state=self.loader.state_dict(), base=self.base_ref,
+            layout=self.layout, config=config_to_dict(self.cfg))
+        shared["mole_config"] = self.mole_config.to_dict()
+        barrier = dist.barrier if dist.is_initialized() else None
+        return ckpt_io.save_checkpoint(ck.save_dir, self.step, rank_payload, shared_payload=shared, rank=self.rank,
+                                       world_size=self.info.world_size, barrier=barrier, keep_last=ck.keep_last)
+
+    # ------------------------------------------------------------------ one step
+    def _forward_step(self, scale, data_iterator, model_chunk):
+        micro = {k: v.to(self.device, non_blocking=True) for k, v in next(data_iterator).items()}
+        attention_mask = packed_attention_mask(micro["segment_ids"]) if self.cfg.data.packing else None
+        kwargs = {}
+        if not self.sequence_parallel:
+            kwargs["padding_mask"] = micro["segment_ids"] == 0
+        output_BS = model_chunk(micro["tokens"], micro["position_ids"], attention_mask,
+                                labels=micro["labels"].clamp(min=0), **kwargs)
+        return output_BS, partial(self._loss, micro, scale)
+
+    def _loss(self, micro, scale, output_BS):
+        losses_BS = output_BS.float()
+        mask_BS = micro["loss_mask"]
+        loss_sum = (losses_BS * mask_BS).sum()
+        domain_loss_D, domain_tokens_D = domain_loss_sums(losses_BS, mask_BS, micro["domain_ids"],
+                                                          len(self.dataset.domains))
+        # clone: the schedule scales the returned loss in place
+        sums = torch.cat([loss_sum.detach().clone().view(1), mask_BS.sum().view(1), domain_loss_D, domain_tokens_D])
+        return loss_sum * scale, {"sums": sums}
+
+    def _global_sums(self, reduced) -> torch.Tensor:
+        """[loss_sum, tokens, loss_sum_D, tokens_D] over the global batch, on every rank."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        sums = torch.zeros(2 + 2 * len(self.dataset.domains), dtype=torch.float64, device=self.device)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            for entry in reduced:
+                sums += entry["sums"].double()
+            if self.dp > 1:
+                dist.all_reduce(sums, group=ps.get_data_parallel_group())
+        if self.info.pp > 1:
+            dist.broadcast(sums, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        return sums.cpu()
+
+    def train_step(self) -> dict:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from megatron_mole.routing import set_aux_loss_scale
+
+        cfg, start = self.cfg, time.perf_counter()
+        global_batch = self.loader.next_global_batch()
+        supervised = float(global_batch["loss_mask"].sum())
+        rows = slice(self.dp_rank * self.loader.rows_per_rank, (self.dp_rank + 1) * self.loader.rows_per_rank)
+        micro = split_microbatches({k: v[rows] for k, v in global_batch.items()}, cfg.parallel.micro_batch)
+        scale = len(micro) * self.dp / supervised
+        set_aux_loss_scale(1.0 / len(micro))
+        lr = self.optimizer.param_groups[0]["lr"]
+
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reduced = get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, scale), data_iterator=iter(micro), model=[self.model],
+            num_microbatches=len(micro), seq_length=cfg.data.seq_length, micro_batch_size=cfg.parallel.micro_batch,
+            forward_only=False)
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.step += 1
+
+        sums = self._global_sums(reduced)
+        aux, load = gather_router_stats(self.monitor)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        num_domains = len(self.dataset.domains)
+        domain_tokens = sums[2 + num_domains:]
+        tokens = int((global_batch["segment_ids"] > 0).sum())
+        return {
+            "step": self.step,
+            "loss": float(sums[0] / sums[1]),
+            "domain_loss": {d: float(sums[2 + i] / domain_tokens[i]) for i, d in enumerate(self.dataset.domains)
+                            if domain_tokens[i] > 0},
+            "aux_loss": weighted_aux_loss(aux, self.mole_config),
+            "aux": aux,
+            "expert_load": load,
+            "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens": tokens,
+            "supervised_tokens": int(supervised),
+            "tokens_per_s": tokens / elapsed,
+            "step_time_s": elapsed,
+        }
+
+    # ------------------------------------------------------------------ the job
+    def _info(self, message: str):
+        if self.logger is not None:
+            self.logger.info(message)
+        elif self.rank == 0:
+            print(message, flush=True)
+
+    def run(self) -> TrainResult:
+        cfg, ck = self.cfg, self.cfg.checkpoint
+        result = TrainResult(data_report=self.dataset.report)
+        self._info(self.dataset.report.summary())
+        self._info(f"train: world={self.info.world_size} tp={self.info.tp} pp={self.info.pp} ep={self.info.ep} "
+                   f"dp={self.dp} device={self.device.type} dtype={str(self.dtype).replace('torch.', '')} "
+                   f"adapter params={sum(p.numel() for p in self.model.parameters() if p.requires_grad)} "
+                   f"(this rank)")
+        self.resume()
+        result.start_step, result.optimizer_rebuilt = self.step, self.optimizer_rebuilt
+        self.logger = StepLogger(cfg, rank=self.rank, start_step=self.step, max_steps=cfg.schedule.max_steps)
+        try:
+            while self.step < cfg.schedule.max_steps:
+                record = self.train_step()
+                result.records.append(record)
+                if self.step % cfg.logging.interval == 0 or self.step == cfg.schedule.max_steps:
+                    self.logger.log(record)
+                self.logger.progress(record)
+                due = ck.interval > 0 and self.step % ck.interval == 0
+                if ck.save_dir and (due or self.step == cfg.schedule.max_steps):
+                    result.last_checkpoint = str(self.save())
+                    self._info(f"saved {result.last_checkpoint}")
+        finally:
+            self.logger.close()
+        result.final_step = self.step
+        return result
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run the job ``cfg`` in this rank (all ranks call it)."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.monitor.remove()
