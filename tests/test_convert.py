@@ -31,6 +31,7 @@ COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_att
 # name -> (config class name, config overrides, save options)
 CASES = {
     "llama": ("LlamaConfig", {}, {}),
+    "llama_4_layers": ("LlamaConfig", dict(num_hidden_layers=4), {}),  # for a virtual pipeline
     "llama_mqa_tied_padded": ("LlamaConfig", dict(num_key_value_heads=1, tie_word_embeddings=True, vocab_size=100), {}),
     "llama3_rope": ("LlamaConfig", dict(rope_parameters=dict(
         rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -197,7 +198,7 @@ def test_mqa_checkpoint_refuses_tp_larger_than_kv_heads(converted):
         check_layout(spec, tp=2)
 
 
-# (name of the case, tp, pp, ep) run on 2 processes in one launch.
+# (name of the case, tp, pp, ep[, vpp]) run on 2 processes in one launch.
 LAYOUTS = [
     ("llama", 2, 1, 1),
     ("llama", 1, 2, 1),
@@ -209,6 +210,7 @@ LAYOUTS = [
     ("mixtral", 2, 1, 1),
     ("qwen2_moe_norm_topk", 1, 2, 1),
     ("mixtral_fused", 1, 1, 2),
+    ("llama_4_layers", 1, 2, 1, 2),
 ]
 
 
@@ -218,14 +220,18 @@ def _verify_layouts(root, layouts):
     from megatron_mole.checkpoint import verify
 
     out = []
-    for name, tp, pp, ep in layouts:
+    for name, tp, pp, ep, *vpp in layouts:
         hf, mcore = os.path.join(root, name, "hf"), os.path.join(root, name, "mcore")
-        out.append(verify.max_logits_difference(hf, mcore, tp=tp, pp=pp, ep=ep, seq=16))
+        out.append(verify.max_logits_difference(hf, mcore, tp=tp, pp=pp, ep=ep, vpp=(vpp or [None])[0], seq=16))
     # The CLI path once: exit status 0 under the tolerance.
     parser = argparse.ArgumentParser()
     verify.add_arguments(parser)
     args = parser.parse_args(["--hf", os.path.join(root, "llama", "hf"), "--mcore",
                               os.path.join(root, "llama", "mcore"), "--tp", "2", "--seq", "8"])
+    out.append(verify.run(args))
+    # ... and exit status 1 above it: llama's transformers model against another rope.
+    args = parser.parse_args(["--hf", os.path.join(root, "llama", "hf"), "--mcore",
+                              os.path.join(root, "llama3_rope", "mcore"), "--seq", "8"])
     out.append(verify.run(args))
     return out
 
@@ -234,8 +240,8 @@ def test_verify_at_tp2_pp2_ep2(converted):
     root, _ = converted
     results = run_distributed(_verify_layouts, 2, root, LAYOUTS, timeout=600)
     for rank_result in results:
-        *diffs, status = rank_result
+        *diffs, status, mismatch_status = rank_result
         for layout, diff in zip(LAYOUTS, diffs):
             assert diff <= TOLERANCE, (layout, diff)
-        assert status == 0
+        assert (status, mismatch_status) == (0, 1)
     assert results[0] == results[1]  # every rank reports the same all-reduced maximum

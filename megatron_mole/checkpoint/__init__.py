@@ -17,6 +17,7 @@ _LAZY = {
     "hf_to_mcore": "megatron_mole.checkpoint.convert",
     "mcore_to_hf": "megatron_mole.checkpoint.convert",
     "load_model": "megatron_mole.checkpoint.mcore",
+    "load_model_chunks": "megatron_mole.checkpoint.mcore",
     "read_spec": "megatron_mole.checkpoint.mcore",
     "CheckpointError": "megatron_mole.checkpoint.hf_io",
     "UnsupportedModelError": "megatron_mole.checkpoint.spec",

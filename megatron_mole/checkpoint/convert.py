@@ -232,7 +232,7 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, overwrite: bool = False) -> Dict:
                               f"expected {FORMAT!r} with its 'hf' section")
     single_process_runtime()
     model = build_gpt_model(spec, dtype_from_name(spec["params_dtype"]))
-    _load_into(model, os.path.join(mcore_dir, DIST_DIR))
+    _load_into([model], os.path.join(mcore_dir, DIST_DIR))
     params = {k: v.detach() for k, v in model.named_parameters()}
     rules = keymaps.rules_for(spec["mlp_kind"], hf["expert_layout"])
     by_key = {}

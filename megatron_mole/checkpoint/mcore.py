@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from megatron_mole.checkpoint.hf_io import CheckpointError, dtype_from_name
 from megatron_mole.checkpoint.spec import check_layout
 
-__all__ = ["SPEC_NAME", "DIST_DIR", "HF_DIR", "read_spec", "build_gpt_model", "load_model", "single_process_runtime"]
+__all__ = ["SPEC_NAME", "DIST_DIR", "HF_DIR", "read_spec", "build_gpt_model", "load_model", "load_model_chunks",
+           "single_process_runtime"]
 
 SPEC_NAME = "mcore_config.json"
 DIST_DIR = "dist_ckpt"
@@ -59,11 +60,13 @@ def build_gpt_model(
     params_dtype: torch.dtype,
     device: Optional[torch.device] = None,
     config_overrides: Optional[Dict[str, Any]] = None,
+    vp_stage: Optional[int] = None,
 ):
     """Megatron's GPTModel for ``spec`` at the current parallel layout, weights not initialised.
 
     Parameters are allocated on ``device`` (CPU when None): on CPU through Megatron's
     ``use_cpu_initialization``, on CUDA on the current device as Megatron usually does.
+    ``vp_stage``: the virtual pipeline chunk to build when a virtual pipeline is set.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -96,6 +99,9 @@ def build_gpt_model(
         # Weights come from the checkpoint: skip Megatron's (slow, layout-dependent) init.
         perform_initialization=False,
     )
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    if vpp is not None and vpp > 1:
+        fields["virtual_pipeline_model_parallel_size"] = vpp
     fields.update(config_overrides or {})
     config = TransformerConfig(**fields)
     layer_spec = get_gpt_layer_local_spec(
@@ -107,8 +113,9 @@ def build_gpt_model(
     model = GPTModel(
         config,
         layer_spec,
-        pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
-        post_process=ps.is_pipeline_last_stage(ignore_virtual=True),
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        vp_stage=vp_stage,
         **gpt,
     )
     if not on_cpu:
@@ -131,15 +138,49 @@ def single_process_runtime():
     return info
 
 
-def _load_into(model, ckpt_dir: str):
+def _load_into(chunks, ckpt_dir: str):
+    """Load model chunks (one, or one per virtual pipeline stage) in one collective call."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
+    # Sharded keys carry global layer offsets, so all chunks load together.
+    sharded = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
     try:
-        state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
+        state = dist_checkpointing.load(sharded, ckpt_dir)
     except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
         raise CheckpointError(f"cannot load the distributed checkpoint {ckpt_dir}: {err}") from err
-    model.load_state_dict(state, strict=True)
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(state[f"model{i}"], strict=True)
+
+
+def load_model_chunks(
+    mcore_dir: str,
+    params_dtype: Optional[torch.dtype] = None,
+    config_overrides: Optional[Dict[str, Any]] = None,
+    device: Optional[torch.device] = None,
+) -> List[Any]:
+    """The GPTModel chunks of this rank: one per virtual pipeline stage (one without VPP).
+
+    Call under :func:`megatron_mole.init_distributed`. ``params_dtype`` builds the model
+    in another dtype than the checkpoint's (e.g. ``torch.float32`` to verify a bf16 one);
+    loading casts each tensor, exactly when widening. Megatron fixes its bf16/fp16
+    handling (softmax casts, pipeline buffers) at construction, hence no cast afterwards.
+    ``config_overrides`` replaces TransformerConfig fields (fusions on GPUs,
+    recomputation, the MoE dispatcher).
+    """
+    from megatron.core import parallel_state as ps
+
+    from megatron_mole import runtime
+
+    spec = read_spec(mcore_dir)
+    if device is None:
+        device = runtime.get_device()
+    dtype = params_dtype or dtype_from_name(spec["params_dtype"])
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    stages = [None] if vpp is None or vpp == 1 else list(range(vpp))
+    chunks = [build_gpt_model(spec, dtype, device, config_overrides, vp_stage=stage) for stage in stages]
+    _load_into(chunks, os.path.join(mcore_dir, DIST_DIR))
+    return chunks
 
 
 def load_model(
@@ -150,19 +191,10 @@ def load_model(
 ):
     """Build the GPTModel of a converted checkpoint at the current layout and load it.
 
-    Call under :func:`megatron_mole.init_distributed`. ``params_dtype`` builds the model
-    in another dtype than the checkpoint's (e.g. ``torch.float32`` to verify a bf16 one);
-    ``config_overrides`` replaces TransformerConfig fields (fusions on GPUs, recomputation,
-    the MoE dispatcher).
+    Arguments as :func:`load_model_chunks`; with a virtual pipeline use that function
+    (this rank then holds several chunks).
     """
-    from megatron_mole import runtime
-
-    spec = read_spec(mcore_dir)
-    if device is None:
-        device = runtime.get_device()
-    saved_dtype = dtype_from_name(spec["params_dtype"])
-    # Built at the requested dtype: Megatron fixes bf16/fp16 handling (softmax casts,
-    # pipeline buffers) at construction. Loading casts each tensor (exact when widening).
-    model = build_gpt_model(spec, params_dtype or saved_dtype, device=device, config_overrides=config_overrides)
-    _load_into(model, os.path.join(mcore_dir, DIST_DIR))
-    return model
+    chunks = load_model_chunks(mcore_dir, params_dtype, config_overrides, device)
+    if len(chunks) != 1:
+        raise ValueError(f"a virtual pipeline of {len(chunks)} stages is set: use load_model_chunks()")
+    return chunks[0]

@@ -22,37 +22,43 @@ __all__ = ["megatron_logits", "hf_logits", "max_logits_difference", "add_argumen
 TOLERANCE = 1e-4
 
 
-def megatron_logits(model, tokens_BS: torch.Tensor, vocab_size: int):
-    """Full logits [B, S, V] on last-stage ranks (None elsewhere), via Megatron's schedule."""
+def megatron_logits(chunks, tokens_BS: torch.Tensor, vocab_size: int):
+    """Full logits [B, S, V] on last-stage ranks (None elsewhere), via Megatron's schedule.
+
+    ``chunks``: this rank's model chunks (several under a virtual pipeline). Each sequence
+    is one micro-batch, so pipelines (interleaved ones included) have work to overlap.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     batch, seq = tokens_BS.shape
-    position_ids_BS = torch.arange(seq, device=tokens_BS.device).unsqueeze(0).expand(batch, seq)
+    position_ids_1S = torch.arange(seq, device=tokens_BS.device).unsqueeze(0)
 
-    def loss_func(logits_BSVt):
-        logits_BSV = gather_from_tensor_model_parallel_region(logits_BSVt)[..., :vocab_size]
-        return logits_BSVt.sum() * 0.0, {"logits": logits_BSV.detach().float()}
+    def loss_func(logits_1SVt):
+        logits_1SV = gather_from_tensor_model_parallel_region(logits_1SVt)[..., :vocab_size]
+        return logits_1SVt.sum() * 0.0, {"logits": logits_1SV.detach().float()}
 
     def forward_step(data_iterator, chunk):
-        tokens = next(data_iterator)
-        return chunk(tokens, position_ids_BS, None), loss_func
+        tokens_1S = next(data_iterator)
+        return chunk(tokens_1S, position_ids_1S, None), loss_func
 
-    model.eval()
+    micro = list(tokens_BS.split(1, 0))
+    for chunk in chunks:
+        chunk.eval()
     with torch.no_grad():
         out = get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=iter([tokens_BS]),
-            model=[model],
-            num_microbatches=1,
+            data_iterator=[iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro),
+            model=list(chunks),
+            num_microbatches=batch,
             seq_length=seq,
-            micro_batch_size=batch,
+            micro_batch_size=1,
             forward_only=True,
         )
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    return out[0]["logits"]
+    return torch.cat([o["logits"] for o in out], dim=0)
 
 
 def hf_logits(hf_dir: str, tokens_BS: torch.Tensor) -> torch.Tensor:
@@ -64,32 +70,32 @@ def hf_logits(hf_dir: str, tokens_BS: torch.Tensor) -> torch.Tensor:
         return model(input_ids=tokens_BS).logits.float()
 
 
-def _ensure_layout(tp, pp, ep, device):
+def _ensure_layout(tp, pp, ep, vpp, device):
     from megatron_mole import runtime
 
     if not runtime.is_initialized():
-        return runtime.init_distributed(tp=tp, pp=pp, ep=ep, device=device)
+        return runtime.init_distributed(tp=tp, pp=pp, ep=ep, vpp=vpp, device=device)
     info = runtime.get_runtime()
-    if (info.tp, info.pp, info.ep) != (tp, pp, ep):
-        return runtime.set_model_parallel(tp=tp, pp=pp, ep=ep)
+    if (info.tp, info.pp, info.ep, info.vpp) != (tp, pp, ep, vpp):
+        return runtime.set_model_parallel(tp=tp, pp=pp, ep=ep, vpp=vpp)
     return info
 
 
 def max_logits_difference(
-    hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1, ep: int = 1,
+    hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1, ep: int = 1, vpp=None,
     seed: int = 1234, batch: int = 2, seq: int = 16, device="auto",
 ) -> float:
     """Max |Megatron - transformers| logits in fp32 at this layout; the same value on every rank."""
     import torch.distributed as dist
 
-    from megatron_mole.checkpoint.mcore import load_model, read_spec
+    from megatron_mole.checkpoint.mcore import load_model_chunks, read_spec
 
-    info = _ensure_layout(tp, pp, ep, device)
+    info = _ensure_layout(tp, pp, ep, vpp, device)
     vocab = read_spec(mcore_dir)["shapes"]["hf_vocab_size"]
     generator = torch.Generator().manual_seed(seed)
     tokens_BS = torch.randint(0, vocab, (batch, seq), generator=generator).to(info.device)
-    model = load_model(mcore_dir, params_dtype=torch.float32)
-    ours = megatron_logits(model, tokens_BS, vocab)
+    chunks = load_model_chunks(mcore_dir, params_dtype=torch.float32)
+    ours = megatron_logits(chunks, tokens_BS, vocab)
     diff = torch.zeros(1, dtype=torch.float64, device=info.device)
     if ours is not None:
         diff += (ours - hf_logits(hf_dir, tokens_BS)).abs().max().double()
@@ -104,6 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the random tokens")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=32)
@@ -116,12 +123,13 @@ def run(args) -> int:
         print("verify --adapter is not yet supported: adapter export and loading land with issue 5's "
               "adapter part", file=sys.stderr)
         return 2
-    diff = max_logits_difference(args.hf, args.mcore, args.tp, args.pp, args.ep,
+    diff = max_logits_difference(args.hf, args.mcore, args.tp, args.pp, args.ep, args.vpp,
                                  seed=args.seed, batch=args.batch, seq=args.seq, device=args.device)
     from megatron_mole import runtime
 
     ok = diff <= args.tolerance
     if runtime.get_runtime().rank == 0:
         print(f"max |logits megatron - transformers| = {diff:.3e} at tp={args.tp} pp={args.pp} ep={args.ep} "
+              f"vpp={args.vpp} "
               f"(tolerance {args.tolerance:.0e}): {'OK' if ok else 'FAILED'}")
     return 0 if ok else 1
