@@ -18,7 +18,9 @@ expert-sorted order (dispatch/local.py). Block 0 holds every token once, so the
 frozen fc1 runs once per token directly on block-0 rows and only the extra
 top-k rows (k > 1) gather fc1's output; sum_k g_k h_k is accumulated into
 block-0 rows, the frozen fc2 runs on them, and the output is un-permuted once.
-No intermediate of T*k rows exists at k = 1.
+No intermediate of T*k rows exists at k = 1. For SwiGLU the gather/add/
+activation/fold run in one autograd Function with in-place buffers
+(layers/mlp_core.py); other activations compose the same math with autograd.
 
 TP/SP: the router sees the full sequence (SP gather with a split backward) so
 routing is identical on every TP rank; the frozen fc1/fc2 run as F.linear on
@@ -44,12 +46,13 @@ from megatron_mole.dispatch import build_dispatcher
 from megatron_mole.experts import LoRAExperts
 from megatron_mole.layers.base import AdapterTensor, AdapterWrapper
 from megatron_mole.layers.linear import adapter_dropout, split_dims
+from megatron_mole.layers.mlp_core import swiglu_mixture
 from megatron_mole.layers.parallel import placement_for
 from megatron_mole.routing import AUX_LOSS_TRACKER, attach_aux_loss, build_router
 
 
 def mlp_activation(config):
-    """The activation of Megatron's MLP (its unfused path), from its config."""
+    """(activation, is plain SwiGLU) of Megatron's MLP (its unfused path), from its config."""
     for flag in ("use_te_activation_func",):
         if getattr(config, flag, False):
             raise NotImplementedError(f"expert_scope='mlp' does not support config.{flag}=True")
@@ -57,13 +60,13 @@ def mlp_activation(config):
         raise NotImplementedError("expert_scope='mlp' does not support activation_func_clamp_value")
     act = config.activation_func
     if not config.gated_linear_unit:
-        return act
+        return act, False
     offset = getattr(config, "glu_linear_offset", 0.0) or 0.0
 
     def glu(z):
         gate, up = torch.chunk(z, 2, dim=-1)
         return act(gate) * (up + offset) if offset else act(gate) * up
-    return glu
+    return glu, act is F.silu and not offset
 
 
 class MoLEMLP(AdapterWrapper):
@@ -72,7 +75,7 @@ class MoLEMLP(AdapterWrapper):
         self.base, self.cfg = base, cfg
         fc1, fc2 = base.linear_fc1, base.linear_fc2
         self.place1, self.place2 = placement_for(fc1), placement_for(fc2)
-        self.act = mlp_activation(base.config)
+        self.act, self.swiglu = mlp_activation(base.config)
         hidden = fc1.weight.shape[1]
         dtype, device = fc1.weight.dtype, fc1.weight.device
         self.router = build_router(hidden, cfg, device=device)
@@ -134,13 +137,23 @@ class MoLEMLP(AdapterWrapper):
         if fc1.bias is not None:
             base1_TF1 = base1_TF1 + fc1.bias
         rest = plan.block0_position(torch.arange(T, K * T, device=x_SH.device)) if K > 1 else None
-        base1_SF1 = base1_TF1 if K == 1 else torch.cat([base1_TF1, base1_TF1.index_select(0, rest)])
+        g_S = None
+        if K > 1:  # renormalised gates; they meet TP-sharded h: complete their gradient
+            gsum_S = routing.gates_TK.sum(-1).index_select(0, plan.tok_S)
+            g_S = p2.replicated((p_S / gsum_S).to(base1_TF1.dtype))
 
+        hbar_TF = None
         if self.fc1 is not None:
             x_SH = adapter_dropout(x_SH, cfg.dropout, p1, self.training)
             u1_SR = p1.gate_and_reduce(self.fc1.down(x_SH, counts), p_S * cfg.scaling)
-            base1_SF1 = base1_SF1 + self.fc1.up(u1_SR, counts)
-        h_SF = self.act(base1_SF1)
+            delta_SF1 = self.fc1.up(u1_SR, counts)
+        if self.fc1 is not None and self.swiglu:
+            h_SF, hbar_TF = swiglu_mixture(base1_TF1, delta_SF1, g_S, plan)
+        else:  # generic activation: the same math composed by autograd
+            base1_SF1 = base1_TF1 if K == 1 else torch.cat([base1_TF1, base1_TF1.index_select(0, rest)])
+            h_SF = self.act(base1_SF1 if self.fc1 is None else base1_SF1 + delta_SF1)
+            if K > 1:
+                hbar_TF = _fold_into_block0(h_SF * g_S.unsqueeze(-1), T, rest)
 
         y2_SH = None
         if self.fc2 is not None:
@@ -151,9 +164,6 @@ class MoLEMLP(AdapterWrapper):
         if K == 1:  # renormalised top-1 gate is exactly 1
             hbar_TF, y2_TH = h_SF, y2_SH
         else:
-            gsum_S = routing.gates_TK.sum(-1).index_select(0, plan.tok_S)
-            g_S = p2.replicated(p_S / gsum_S)
-            hbar_TF = _fold_into_block0(h_SF * g_S.to(h_SF.dtype).unsqueeze(-1), T, rest)
             y2_TH = None if y2_SH is None else _fold_into_block0(y2_SH, T, rest)
         out_TH = p2.after_down(F.linear(hbar_TF, fc2.weight))
         if y2_TH is not None:
