@@ -50,6 +50,8 @@ CASES = {
                           dict(max_shard_size="60KB")),
     "qwen2_moe_norm_topk": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                                    shared_expert_intermediate_size=48, norm_topk_prob=True), {}),
+    "qwen2_moe_dense_layer": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                                     shared_expert_intermediate_size=48, mlp_only_layers=[1]), {}),
     "qwen2_moe_fused": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=1, moe_intermediate_size=32,
                                                shared_expert_intermediate_size=48), dict(fused=True)),
 }
@@ -211,6 +213,8 @@ LAYOUTS = [
     ("qwen2_moe_norm_topk", 1, 2, 1),
     ("mixtral_fused", 1, 1, 2),
     ("llama_4_layers", 1, 2, 1, 2),
+    ("qwen2_moe_dense_layer", 1, 2, 1),
+    ("qwen2_moe_dense_layer", 1, 1, 2),
 ]
 
 

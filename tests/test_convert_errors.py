@@ -84,12 +84,12 @@ def test_unrepresentable_rope_is_refused(rope, field):
 
 
 def test_unrepresentable_options_are_refused():
-    from transformers import LlamaConfig, Qwen2MoeConfig
+    from transformers import LlamaConfig, Qwen2Config
 
     with pytest.raises(UnsupportedModelError, match="attention_bias"):
         spec_from_hf_config(LlamaConfig(**COMMON, attention_bias=True))
-    with pytest.raises(UnsupportedModelError, match="mlp_only_layers"):
-        spec_from_hf_config(Qwen2MoeConfig(**COMMON, num_experts=4, mlp_only_layers=[1]))
+    with pytest.raises(UnsupportedModelError, match="use_sliding_window"):
+        spec_from_hf_config(Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=8))
 
 
 def test_missing_and_truncated_shards(tmp_path):

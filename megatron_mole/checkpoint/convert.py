@@ -83,13 +83,20 @@ def _expert_layout(ckpt: HFCheckpoint, mlp_kind: str) -> str:
     return "fused" if fused else "per_expert"
 
 
-def _instances(spec, rules, num_layers):
+def _instances(spec, expert_layout):
     """All rule instances in streaming order: embeddings, layer 0..L-1, then the rest."""
     flags, experts = spec["flags"], spec["shapes"]["num_experts"]
+    rules = keymaps.rules_for(spec["mlp_kind"], expert_layout)
+    # moe_layer_freq as a list marks dense layers (0) inside an MoE model.
+    pattern = spec["transformer"].get("moe_layer_freq")
+    dense_rules = keymaps.rules_for("dense") if isinstance(pattern, list) else rules
     head = keymaps.expand_rules(rules, flags, None, experts)
     first = [i for i in head if i.mcore[0].startswith("embedding.")]
     last = [i for i in head if not i.mcore[0].startswith("embedding.")]
-    layers = [i for layer in range(num_layers) for i in keymaps.expand_rules(rules, flags, layer, experts)]
+    layers = []
+    for layer in range(spec["transformer"]["num_layers"]):
+        layer_rules = dense_rules if isinstance(pattern, list) and not pattern[layer] else rules
+        layers += keymaps.expand_rules(layer_rules, flags, layer, experts)
     return first + layers + last
 
 
@@ -153,8 +160,7 @@ def hf_to_mcore(
 
     with HFCheckpoint(hf_dir) as ckpt:
         layout = _expert_layout(ckpt, spec["mlp_kind"])
-        rules = keymaps.rules_for(spec["mlp_kind"], layout)
-        instances = _instances(spec, rules, spec["transformer"]["num_layers"])
+        instances = _instances(spec, layout)
         used = [k for inst in instances for k in inst.hf if k in ckpt.weight_map]
         params_dtype = _resolve_dtype(ckpt, used, dtype)
         spec["params_dtype"] = dtype_name(params_dtype)
@@ -234,9 +240,8 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, overwrite: bool = False) -> Dict:
     model = build_gpt_model(spec, dtype_from_name(spec["params_dtype"]))
     _load_into([model], os.path.join(mcore_dir, DIST_DIR))
     params = {k: v.detach() for k, v in model.named_parameters()}
-    rules = keymaps.rules_for(spec["mlp_kind"], hf["expert_layout"])
     by_key = {}
-    for inst in _instances(spec, rules, spec["transformer"]["num_layers"]):
+    for inst in _instances(spec, hf["expert_layout"]):
         for key in inst.hf:
             by_key[key] = inst
 

@@ -70,7 +70,7 @@ def build_gpt_model(
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     tp, pp, ep, etp = _layout()
@@ -104,11 +104,16 @@ def build_gpt_model(
         fields["virtual_pipeline_model_parallel_size"] = vpp
     fields.update(config_overrides or {})
     config = TransformerConfig(**fields)
-    layer_spec = get_gpt_layer_local_spec(
-        num_experts=fields.get("num_moe_experts"),
-        moe_grouped_gemm=bool(fields.get("moe_grouped_gemm", False)),
-        normalization="RMSNorm",
-    )
+    if isinstance(fields.get("moe_layer_freq"), list):
+        # Dense and MoE layers mixed: Megatron's block spec slices the pattern per stage.
+        layer_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
+                                                vp_stage=vp_stage)
+    else:
+        layer_spec = get_gpt_layer_local_spec(
+            num_experts=fields.get("num_moe_experts"),
+            moe_grouped_gemm=bool(fields.get("moe_grouped_gemm", False)),
+            normalization="RMSNorm",
+        )
     gpt = dict(spec["gpt"])
     model = GPTModel(
         config,

@@ -11,6 +11,8 @@ an :class:`UnsupportedModelError` naming the field and its value, never approxim
   8192; any other ``rope_type`` is refused.
 - sliding windows (Mistral, Mixtral): Megatron's ``window_size=(W-1, 0)`` masks exactly
   as transformers' ``kv_idx > q_idx - W``.
+- Qwen2-MoE's dense layers (``mlp_only_layers``, ``decoder_sparse_step``) become
+  Megatron's ``moe_layer_freq`` pattern (built with ``get_gpt_decoder_block_spec``).
 - OLMoE is refused: its q/k RMSNorm spans the whole projection (all heads together);
   Megatron's ``qk_layernorm`` normalises each head separately.
 """
@@ -114,16 +116,17 @@ def _moe(cfg, model_type) -> Dict[str, Any]:
             "moe_router_pre_softmax": False,
             "moe_aux_loss_coeff": float(_get(cfg, "router_aux_loss_coef", 0.0)),
         }
-    if _get(cfg, "decoder_sparse_step", 1) != 1:
-        _refuse(model_type, "decoder_sparse_step", _get(cfg, "decoder_sparse_step"),
-                "dense layers between MoE layers are not mapped")
-    if _get(cfg, "mlp_only_layers"):
-        _refuse(model_type, "mlp_only_layers", _get(cfg, "mlp_only_layers"),
-                "dense layers between MoE layers are not mapped")
     shared = _get(cfg, "shared_expert_intermediate_size")
     if not shared:
         _refuse(model_type, "shared_expert_intermediate_size", shared, "the shared expert is always present")
+    # transformers makes layer i dense (an MLP of intermediate_size) when i is in
+    # mlp_only_layers or (i+1) is not a multiple of decoder_sparse_step; Megatron takes
+    # the same pattern as moe_layer_freq (1: MoE, 0: dense of ffn_hidden_size).
+    step, dense = _get(cfg, "decoder_sparse_step", 1) or 1, set(_get(cfg, "mlp_only_layers") or ())
+    pattern = [0 if i in dense or (i + 1) % step else 1 for i in range(_get(cfg, "num_hidden_layers"))]
+    out = {} if all(pattern) else {"moe_layer_freq": pattern}
     return {
+        **out,
         "num_moe_experts": _get(cfg, "num_experts"),
         "moe_ffn_hidden_size": _get(cfg, "moe_intermediate_size"),
         "moe_router_topk": _get(cfg, "num_experts_per_tok"),
