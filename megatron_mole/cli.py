@@ -8,8 +8,10 @@ costs seconds).
 """
 import argparse
 import importlib
-import importlib.util
 import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
@@ -24,13 +26,15 @@ SUBCOMMANDS = {
 }
 
 
+def _module_exists(module: str) -> bool:
+    # A file check, not find_spec: find_spec imports the parent packages (torch).
+    rel = Path(*module.split(".")[1:])
+    return (_ROOT / rel.with_suffix(".py")).is_file() or (_ROOT / rel / "__init__.py").is_file()
+
+
 def _available():
     for name, (module, help_text) in SUBCOMMANDS.items():
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:
-            found = False
-        if found:
+        if _module_exists(module):
             yield name, module, help_text
 
 
