@@ -7,10 +7,11 @@ expert's gate/up) is read, transformed and copied into the model at a time, so m
 holds the model plus about one layer. ``dist_checkpointing.save`` then writes torch_dist,
 which ``load_model`` reshards to any TP/PP/EP.
 
-``mcore_to_hf`` loads that checkpoint into the same model and writes back exactly what
-was read: the same keys in the same files, each tensor in the dtype it had, the original
-index metadata, and the config/tokenizer files byte for byte. It holds one output shard
-of Hugging Face tensors at a time.
+``mcore_to_hf`` writes back exactly what was read: the same keys in the same files, each
+tensor in the dtype it had, the original index metadata, and the config/tokenizer files
+byte for byte. It streams too: the (never initialised, so never resident) model only
+describes the checkpoint; each output file loads just the Megatron tensors it needs, so
+memory holds about one output shard in both forms.
 
 Both write into a temporary directory next to the output and rename it into place only
 when complete; on any error nothing is left behind.
@@ -40,8 +41,8 @@ from megatron_mole.checkpoint.mcore import (
     DIST_DIR,
     HF_DIR,
     SPEC_NAME,
-    _load_into,
     build_gpt_model,
+    load_tensors,
     read_spec,
     single_process_runtime,
 )
@@ -237,25 +238,25 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, overwrite: bool = False) -> Dict:
         raise CheckpointError(f"{os.path.join(mcore_dir, SPEC_NAME)}: format {spec.get('format')!r}, "
                               f"expected {FORMAT!r} with its 'hf' section")
     single_process_runtime()
+    # The model is only a template: its sharded state dict says where each tensor lives;
+    # each output file loads just the Megatron tensors it needs (see load_tensors).
     model = build_gpt_model(spec, dtype_from_name(spec["params_dtype"]))
-    _load_into([model], os.path.join(mcore_dir, DIST_DIR))
-    params = {k: v.detach() for k, v in model.named_parameters()}
+    sharded = model.sharded_state_dict()
+    ckpt_dir = os.path.join(mcore_dir, DIST_DIR)
     by_key = {}
     for inst in _instances(spec, hf["expert_layout"]):
         for key in inst.hf:
             by_key[key] = inst
 
     def produce(keys):
+        wanted = set(keys)
+        instances = list({id(by_key[k]): by_key[k] for k in keys}.values())
+        mcore = load_tensors(sharded, sorted({n for inst in instances for n in inst.mcore}), ckpt_dir)
         out = {}
-        for key in keys:
-            if key in out:
-                continue
-            inst = by_key.get(key)
-            if inst is None:
-                raise CheckpointError(f"tensor {key!r} of the recorded weight map has no rule (ignored buffer?)")
-            values = keymaps.apply_to_hf(inst, [params[n] for n in inst.mcore], spec["shapes"])
+        for inst in instances:
+            values = keymaps.apply_to_hf(inst, [mcore[n] for n in inst.mcore], spec["shapes"])
             for name, value in zip(inst.hf, values):
-                if name in keys:
+                if name in wanted:
                     out[name] = value.to(dtype_from_name(hf["dtypes"][name]))
         return out
 

@@ -14,6 +14,7 @@ slices each rank needs.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Dict, List, Optional
@@ -143,19 +144,93 @@ def single_process_runtime():
     return info
 
 
-def _load_into(chunks, ckpt_dir: str):
-    """Load model chunks (one, or one per virtual pipeline stage) in one collective call."""
+def _dist_load(sharded: Dict[str, Any], ckpt_dir: str) -> Dict[str, Any]:
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
-    # Sharded keys carry global layer offsets, so all chunks load together.
-    sharded = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
     try:
-        state = dist_checkpointing.load(sharded, ckpt_dir)
+        return dist_checkpointing.load(sharded, ckpt_dir)
     except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
         raise CheckpointError(f"cannot load the distributed checkpoint {ckpt_dir}: {err}") from err
+
+
+def _load_into(chunks, ckpt_dir: str):
+    """Load model chunks (one, or one per virtual pipeline stage) in one collective call."""
+    # Sharded keys carry global layer offsets, so all chunks load together.
+    state = _dist_load({f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}, ckpt_dir)
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(state[f"model{i}"], strict=True)
+
+
+class _RegionPlanner:
+    """The two calls ``FileSystemReader.read_data`` makes: where each read goes."""
+
+    def __init__(self, targets):
+        self.targets = targets  # id of the MetadataIndex fqn -> tensor of the region
+
+    def resolve_tensor(self, read_item):
+        target = self.targets[read_item.dest_index.fqn]
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            target = target.narrow(dim, start, length)
+        return target
+
+    def commit_tensor(self, read_item, tensor):
+        pass
+
+
+def _read_regions(reader, metadata, sharded_tensors) -> List[torch.Tensor]:
+    """Read each ShardedTensor's own region of its global tensor, nothing more."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    outs, items, targets = [], [], {}
+    for i, st in enumerate(sharded_tensors):
+        if st.key not in metadata.state_dict_metadata:
+            raise CheckpointError(f"tensor {st.key!r} is missing from the distributed checkpoint")
+        sizes = (1,) * st.prepend_axis_num + tuple(st.local_shape)
+        region = torch.empty(sizes, dtype=st.dtype)
+        # Read items address their destination by fqn: give each region its own name.
+        fqn = f"{i}:{st.key}"
+        targets[fqn] = region
+        chunk = ChunkStorageMetadata(offsets=torch.Size(st.global_offset), sizes=torch.Size(sizes))
+        for item in create_read_items_for_chunk_list(st.key, metadata.state_dict_metadata[st.key], [chunk]):
+            items.append(dataclasses.replace(item, dest_index=dataclasses.replace(item.dest_index, fqn=fqn)))
+        outs.append(region.reshape(st.local_shape))
+    reader.read_data(LoadPlan(items), _RegionPlanner(targets)).wait()
+    return outs
+
+
+def load_tensors(sharded_state_dict: Dict[str, Any], names, ckpt_dir: str) -> Dict[str, torch.Tensor]:
+    """Only ``names`` (model parameter names) of a torch_dist checkpoint, read into new tensors.
+
+    Megatron's loader wants whole global tensors (all layers of a stacked key) on a single
+    process; this reads just each parameter's region through torch's own checkpoint
+    reader, so export streams a checkpoint one output shard at a time.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+    from torch.distributed.checkpoint import FileSystemReader
+
+    reader = FileSystemReader(ckpt_dir)
+    try:
+        metadata = reader.read_metadata()
+        reader.set_up_storage_reader(metadata, is_coordinator=True)
+        out = {}
+        for name in names:
+            item = sharded_state_dict[name]
+            if isinstance(item, ShardedTensorFactory):
+                # e.g. a GLU fc1 stored as its two halves: read them, merge back.
+                built = item.build()
+                parts = built if isinstance(built, list) else list(built.values())
+                loaded = _read_regions(reader, metadata, parts)
+                out[name] = item.merge_fn(loaded if isinstance(built, list) else dict(zip(built, loaded)))
+            else:
+                (out[name],) = _read_regions(reader, metadata, [item])
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"cannot read the distributed checkpoint {ckpt_dir}: {err}") from err
+    return out
 
 
 def load_model_chunks(
