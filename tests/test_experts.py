@@ -25,9 +25,9 @@ def _segments_reference(x_SI, w_GOI, counts):
 ])
 def test_grouped_linear_matches_segment_loop(backend, counts, in_f, out_f):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(sum(counts), in_f, generator=gen, dtype=torch.float64).float().requires_grad_()
-    w = torch.randn(len(counts), out_f, in_f, generator=gen).requires_grad_()
-    dy = torch.randn(sum(counts), out_f, generator=gen)
+    x = torch.randn(sum(counts), in_f, generator=gen, dtype=torch.float32).requires_grad_()
+    w = torch.randn(len(counts), out_f, in_f, generator=gen, dtype=torch.float32).requires_grad_()
+    dy = torch.randn(sum(counts), out_f, generator=gen, dtype=torch.float32)
     y = grouped_linear(x, w, counts, backend)
     (y * dy).sum().backward()
     x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()

@@ -11,7 +11,8 @@ once at the output (layers/mole_mlp.py).
 
 One code path for every K (K = E included), no per-expert masks: one argsort,
 one bincount (the only host sync: segment sizes), one gather in, one gather
-(by the inverse permutation) plus a sum over K out. An expert with no tokens is
+(by the inverse permutation) plus a sum over K out, or one scatter-add onto an
+existing output (``combine_add``). An expert with no tokens is
 simply an empty group.
 
 The dispatcher is a seam: layers only call ``permute`` and ``combine``; the
@@ -74,6 +75,14 @@ class LocalDispatcher:
         if weights_TK is not None:
             y_KTD = y_KTD * weights_TK.t().unsqueeze(-1).to(y_KTD.dtype)
         return y_KTD[0] if plan.top_k == 1 else y_KTD.sum(0)
+
+    def combine_add(self, out_TD: torch.Tensor, y_SD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """``out_TD + combine(y_SD)`` as one scatter-add (no [K*T, D] gather and
+        no separate sum): for adding expert outputs to a base layer's output.
+        Out of place: Megatron's linears may return views of their autograd
+        Functions' outputs, which must not be modified in place. Optional for
+        other dispatchers."""
+        return out_TD.index_add(0, plan.tok_S, y_SD)
 
 
 DISPATCHERS = {"local": LocalDispatcher}

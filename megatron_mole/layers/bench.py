@@ -8,7 +8,9 @@ E experts), ``mole-linear-top1/2`` (expert_scope "linear") and ``naive-top1/2``
 (a MixLoRA-style loop: a boolean mask per expert over all tokens, the whole
 MLP recomputed per chosen expert). Variants run alternately in one process
 (round-robin, so machine noise hits all of them alike); medians and the ratio
-to ``lora`` of the same rank are printed.
+to ``lora`` of the same rank are printed, for wall time and for this
+process's CPU time (more robust when other jobs share the cores; with several
+threads it includes their spin-waits).
 
 Legend: T tokens, H hidden, F ffn, E experts, K top-k.
 """
@@ -129,20 +131,24 @@ def run(args):
           f"fwd+bwd fp32 on {device} ({torch.get_num_threads()} threads), median of {args.rounds}")
     for rank in args.ranks:
         variants = _variants(args, rank, device)
-        times = {n: [] for n in names}
+        wall = {n: [] for n in names}
+        cpu = {n: [] for n in names}
         for n in names:  # warm-up
             _step(variants[n], x)
         for _ in range(args.rounds):
             for n in names:
                 sync()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 _step(variants[n], x)
                 sync()
-                times[n].append(time.perf_counter() - t0)
-        lora = statistics.median(times["lora"]) if "lora" in times else None
-        print(f"\nrank {rank}:")
+                wall[n].append(time.perf_counter() - t0)
+                cpu[n].append(time.process_time() - c0)
+        print(f"\nrank {rank}:            wall               cpu")
         for n in names:
-            med = statistics.median(times[n])
-            ratio = f"{med / lora:5.2f}x lora" if lora else ""
-            print(f"  {n:18s} {med * 1000:8.1f} ms  {ratio}")
+            cells = []
+            for times in (wall, cpu):
+                med = statistics.median(times[n])
+                ref = statistics.median(times["lora"]) if "lora" in times else None
+                cells.append(f"{med * 1000:8.1f} ms" + (f" {med / ref:5.2f}x" if ref else ""))
+            print(f"  {n:18s} {cells[0]}   {cells[1]}")
     return 0

@@ -65,9 +65,15 @@ class _LinearWrapper(AdapterWrapper):
         out, bias = res if isinstance(res, tuple) else (res, None)
         x_full = self.place.adapter_input(x)
         x_TI = x_full.reshape(-1, x_full.shape[-1])
-        y_TO, aux = self.delta(x_TI)
-        y = self.place.adapter_output(y_TO.view(*x_full.shape[:-1], y_TO.shape[-1]))
-        out = attach_aux_loss(out + y.to(out.dtype), aux)
+        if self.place.output_is_local() and out.is_contiguous():
+            # the adapter output lands on the base output's rows: scatter-add onto them
+            y_TO, aux = self.delta(x_TI, into_TO=out.view(-1, out.shape[-1]))
+            out = y_TO.view_as(out)
+        else:
+            y_TO, aux = self.delta(x_TI)
+            y = self.place.adapter_output(y_TO.view(*x_full.shape[:-1], y_TO.shape[-1]))
+            out = out + y.to(out.dtype)
+        out = attach_aux_loss(out, aux)
         return (out, bias) if isinstance(res, tuple) else out
 
 
@@ -84,10 +90,12 @@ class LoRALinear(_LinearWrapper):
                 AdapterTensor("lora.lora_b", self.lora.lora_b, self.place, b_dim, b_init,
                               self.cfg.rank)]
 
-    def delta(self, x_TI):
+    def delta(self, x_TI, into_TO=None):
         x_TI = adapter_dropout(x_TI, self.cfg.dropout, self.place, self.training)
         u_TR = self.place.after_down(self.lora.down(x_TI)) * self.cfg.scaling
-        return self.lora.up(u_TR), None
+        y_TO = self.lora.up(u_TR)
+        # out-of-place, as PEFT does: the benchmark's LoRA baseline
+        return (y_TO if into_TO is None else into_TO + y_TO), None
 
 
 class MoLELinear(_LinearWrapper):
@@ -110,17 +118,23 @@ class MoLELinear(_LinearWrapper):
                           self.cfg.rank),
         ]
 
-    def delta(self, x_TI, mask_T=None):
-        routing = self.router(x_TI, reduce_logits=self.place.reduce_logits(), mask_T=mask_T)
+    def delta(self, x_TI, into_TO=None):
+        routing = self.router(x_TI, reduce_logits=self.place.reduce_logits())
         AUX_LOSS_TRACKER.record(self.adapter_prefix, routing.stats)
         return mole_linear_delta(x_TI, routing, self.mole, self.dispatcher, self.place,
-                                 self.cfg, self.training), routing.aux_loss
+                                 self.cfg, self.training, into_TO), routing.aux_loss
 
 
-def mole_linear_delta(x_TI, routing, experts, dispatcher, place, cfg, training):
-    """sum_k p_k (alpha/r) B_k A_k dropout(x) for every token (fast path)."""
+def mole_linear_delta(x_TI, routing, experts, dispatcher, place, cfg, training, into_TO=None):
+    """sum_k p_k (alpha/r) B_k A_k dropout(x) for every token (fast path),
+    added to ``into_TO`` by one scatter-add when given and the dispatcher can."""
     x_TI = adapter_dropout(x_TI, cfg.dropout, place, training)
     x_SI, gates_S, plan = dispatcher.permute(x_TI, routing.expert_idx_TK, routing.gates_TK)
     u_SR = experts.down(x_SI, plan.counts_G)
     u_SR = place.gate_and_reduce(u_SR, gates_S * cfg.scaling)
-    return dispatcher.combine(experts.up(u_SR, plan.counts_G), plan)
+    y_SO = experts.up(u_SR, plan.counts_G)
+    if into_TO is None:
+        return dispatcher.combine(y_SO, plan)
+    if hasattr(dispatcher, "combine_add"):
+        return dispatcher.combine_add(into_TO, y_SO, plan)
+    return into_TO + dispatcher.combine(y_SO, plan)

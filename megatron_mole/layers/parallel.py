@@ -44,6 +44,11 @@ class NoParallel:
     def reduce_logits(self):
         return None
 
+    def output_is_local(self):
+        """True when adapter_output is the identity (the adapter's rows are the
+        base output's rows)."""
+        return True
+
     def gate_and_reduce(self, u_SR, gate_S):
         """Gate the r-dim rows and make them complete on every TP rank."""
         return u_SR * gate_S.to(u_SR.dtype).unsqueeze(-1)
@@ -129,6 +134,9 @@ class TPPlacement(NoParallel):
             from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
             return scatter_to_sequence_parallel_region(y, group=self.group)
         return y
+
+    def output_is_local(self):
+        return not (self.kind == "row" and self.sequence_parallel and self.tp_size > 1)
 
     def reduce_logits(self):
         if self.kind == "row" and self.tp_size > 1:
