@@ -121,6 +121,17 @@ def test_mixed_dtypes_name_a_tensor(llama_dir, tmp_path):
     assert _listing(tmp_path) == ["m"]
 
 
+def test_narrowing_dtype_warns_naming_a_tensor(llama_dir):
+    from megatron_mole.checkpoint.convert import _resolve_dtype
+    from megatron_mole.checkpoint.hf_io import HFCheckpoint
+
+    with HFCheckpoint(llama_dir) as ckpt:
+        with pytest.warns(UserWarning, match="--dtype bfloat16 rounds tensors such as .lm_head.weight. \\(float32\\)"):
+            assert _resolve_dtype(ckpt, ckpt.keys(), "bfloat16") == torch.bfloat16
+        assert _resolve_dtype(ckpt, ckpt.keys(), "float64") == torch.float64  # widening: silent
+        assert _resolve_dtype(ckpt, ckpt.keys(), None) == torch.float32
+
+
 def test_not_a_converted_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="mcore_config.json is missing"):
         mcore_to_hf(str(tmp_path), str(tmp_path / "out"))

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -123,12 +124,22 @@ def _load_hf_config(hf_dir):
         ) from err
 
 
+def _exact_cast(source: torch.dtype, target: torch.dtype) -> bool:
+    # Widening float casts are exact (bf16 and fp16 both fit in fp32); bf16 <-> fp16 is not.
+    return source == target or torch.finfo(target).bits > torch.finfo(source).bits
+
+
 def _resolve_dtype(ckpt: HFCheckpoint, keys, dtype: Optional[str]) -> torch.dtype:
-    if dtype is not None:
-        return dtype_from_name(dtype)
     found = {}
     for key in keys:
         found.setdefault(ckpt.dtype(key), key)
+    if dtype is not None:
+        target = dtype_from_name(dtype)
+        lossy = [f"{key!r} ({dtype_name(d)})" for d, key in found.items() if not _exact_cast(d, target)]
+        if lossy:
+            warnings.warn(f"--dtype {dtype_name(target)} rounds tensors such as {', '.join(lossy)}: "
+                          f"converting back will not reproduce them bit for bit")
+        return target
     if len(found) > 1:
         listing = ", ".join(f"{k!r} is {dtype_name(d)}" for d, k in found.items())
         raise CheckpointError(f"the checkpoint mixes dtypes ({listing}); pass --dtype to choose one")
