@@ -226,8 +226,8 @@ def _check_hf_tensors(ckpt: HFCheckpoint, instances, params, shapes):
             if not ckpt.dtype(key).is_floating_point:
                 raise CheckpointError(f"tensor {key!r} in {ckpt.file_of(key)} has non-float dtype {ckpt.dtype(key)}")
         assigned.update(inst.mcore)
-    unused = [k for k in ckpt.keys() if k not in {h for i in instances for h in i.hf}
-              and not any(p.search(k) for p in keymaps.IGNORED_HF_KEYS)]
+    mapped = {h for inst in instances for h in inst.hf}
+    unused = [k for k in ckpt.keys() if k not in mapped and not any(p.search(k) for p in keymaps.IGNORED_HF_KEYS)]
     if unused:
         raise CheckpointError(
             f"{len(unused)} tensors of {ckpt.directory} have no place in the Megatron model, e.g. "
