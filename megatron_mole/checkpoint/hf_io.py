@@ -175,6 +175,13 @@ def copy_side_files(src: str, dst: str) -> List[str]:
     return copied
 
 
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    whole = tensor.is_contiguous() and tensor.storage_offset() == 0
+    if whole and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 def write_shards(
     out_dir: str,
     files: Dict[str, Sequence[str]],
@@ -191,9 +198,9 @@ def write_shards(
     weight_map, total = {}, 0
     for name, keys in files.items():
         tensors = produce(keys)
-        # Clone: views of one fused Megatron tensor (q, k, v) share storage, which
-        # safetensors refuses; the clone also makes them contiguous.
-        tensors = {k: tensors[k].detach().clone() for k in keys}
+        # Views into a larger tensor (q, k, v of one fused Megatron tensor) share storage,
+        # which safetensors refuses: give those their own; leave whole tensors as they are.
+        tensors = {k: _own_storage(tensors[k].detach()) for k in keys}
         meta = (file_metadata or {}).get(name) or {"format": "pt"}
         save_file(tensors, os.path.join(out_dir, name), metadata=meta)
         for k, t in tensors.items():
