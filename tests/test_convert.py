@@ -42,6 +42,7 @@ CASES = {
     # bf16 kept in Megatron; verify casts the loaded weights to fp32
     "llama_bf16": ("LlamaConfig", {}, dict(dtype="bfloat16")),
     "mistral_window_headdim": ("MistralConfig", dict(sliding_window=5, head_dim=32), {}),
+    "llama_tied_head_stored": ("LlamaConfig", dict(tie_word_embeddings=True), dict(store_tied_head=True)),
     "qwen2_bias_tied_padded": ("Qwen2Config", dict(tie_word_embeddings=True, rms_norm_eps=1e-5, vocab_size=120), {}),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), {}),
     "mixtral_fused": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), dict(fused=True)),
@@ -109,6 +110,13 @@ def make_hf_model(name: str, directory: str, seed: int = 0) -> str:
     model.save_pretrained(directory, **kwargs)
     if save.get("fused"):
         _fuse_experts(directory)
+    if save.get("store_tied_head"):  # some checkpoints store the tied head anyway
+        from safetensors.torch import load_file, save_file
+
+        path = os.path.join(directory, "model.safetensors")
+        sd = load_file(path)
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+        save_file(sd, path, metadata={"format": "pt"})
     # A tokenizer-like side file: conversion must copy it through byte for byte.
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         f.write('{"model_max_length": 256, "note": "copied verbatim"}\n')

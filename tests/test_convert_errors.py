@@ -185,6 +185,7 @@ def _errors_against_the_model(root, llama_dir):
     variant("shape", intermediate_size=80)
     variant("missing", lambda sd: sd.pop("model.layers.1.self_attn.k_proj.weight"))
     variant("extra", lambda sd: sd.__setitem__("model.layers.0.mlp.extra.weight", torch.zeros(2)))
+    variant("untied_head", tie_word_embeddings=True)  # lm_head differs from embed_tokens
     # Old checkpoints carry rotary buffers: ignored on import, not written back.
     variant("inv_freq", lambda sd: sd.__setitem__("model.layers.0.self_attn.rotary_emb.inv_freq", torch.ones(8)))
     good = os.path.join(root, "good_out")
@@ -207,8 +208,9 @@ def test_errors_against_the_model(llama_dir, tmp_path):
     assert "[96, 64]" in messages["shape"] and "[80, 64]" in messages["shape"]
     assert "'model.layers.1.self_attn.k_proj.weight' is missing" in messages["missing"]
     assert "model.layers.0.mlp.extra.weight" in messages["extra"]
+    assert "['model.embed_tokens.weight'] and ['lm_head.weight'] should be tied" in messages["untied_head"]
     assert "CheckpointError" in messages["damaged_dist"] and "good_out" in messages["damaged_dist"]
     assert messages["cli_status"] == 2
     # Only the inputs and the one good conversion remain: no partial or temporary output.
     assert messages["inv_freq"] is None
-    assert messages["listing"] == ["extra", "good_out", "inv_freq", "inv_freq_out", "missing", "shape"]
+    assert messages["listing"] == ["extra", "good_out", "inv_freq", "inv_freq_out", "missing", "shape", "untied_head"]

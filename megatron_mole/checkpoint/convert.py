@@ -172,6 +172,7 @@ def hf_to_mcore(
 
     with HFCheckpoint(hf_dir) as ckpt:
         layout = _expert_layout(ckpt, spec["mlp_kind"])
+        spec["flags"]["tied_head_stored"] = not spec["flags"]["untied"] and "lm_head.weight" in ckpt.weight_map
         instances = _instances(spec, layout)
         used = [k for inst in instances for k in inst.hf if k in ckpt.weight_map]
         params_dtype = _resolve_dtype(ckpt, used, dtype)
@@ -180,7 +181,7 @@ def hf_to_mcore(
         model = build_gpt_model(spec, params_dtype)
         params = dict(model.named_parameters())
         _check_hf_tensors(ckpt, instances, params, spec["shapes"])
-        hf_dtypes = {}
+        hf_dtypes, written = {}, {}
         with torch.no_grad():
             for inst in instances:
                 hf_tensors = []
@@ -188,7 +189,11 @@ def hf_to_mcore(
                     hf_dtypes[key] = dtype_name(ckpt.dtype(key))
                     hf_tensors.append(ckpt.get(key).to(params_dtype))
                 for name, tensor in zip(inst.mcore, keymaps.apply_to_mcore(inst, hf_tensors, spec["shapes"])):
+                    if name in written and not torch.equal(params[name], tensor):
+                        raise CheckpointError(f"tensors {written[name]} and {list(inst.hf)} should be tied "
+                                              f"(tie_word_embeddings) but differ")
                     params[name].copy_(tensor)
+                    written[name] = list(inst.hf)
                 del hf_tensors
         spec["hf"] = {
             "weight_map": ckpt.weight_map,

@@ -175,9 +175,11 @@ def copy_side_files(src: str, dst: str) -> List[str]:
     return copied
 
 
-def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+def _own_storage(tensor: torch.Tensor, storages: set) -> torch.Tensor:
+    storage = tensor.untyped_storage()
     whole = tensor.is_contiguous() and tensor.storage_offset() == 0
-    if whole and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+    if whole and storage.nbytes() == tensor.numel() * tensor.element_size() and storage.data_ptr() not in storages:
+        storages.add(storage.data_ptr())
         return tensor
     return tensor.clone(memory_format=torch.contiguous_format)
 
@@ -197,10 +199,13 @@ def write_shards(
     """
     weight_map, total = {}, 0
     for name, keys in files.items():
-        tensors = produce(keys)
-        # Views into a larger tensor (q, k, v of one fused Megatron tensor) share storage,
-        # which safetensors refuses: give those their own; leave whole tensors as they are.
-        tensors = {k: _own_storage(tensors[k].detach()) for k in keys}
+        produced = produce(keys)
+        # Tensors sharing storage (q, k, v of one fused Megatron tensor; a tied head and
+        # its embedding) are refused by safetensors: copy those, leave the others alone.
+        tensors, storages = {}, set()
+        for k in keys:
+            tensors[k] = _own_storage(produced[k].detach(), storages)
+        del produced
         meta = (file_metadata or {}).get(name) or {"format": "pt"}
         save_file(tensors, os.path.join(out_dir, name), metadata=meta)
         for k, t in tensors.items():

@@ -129,6 +129,9 @@ GLOBAL_RULES = (
     Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
     Rule("output_layer.weight", ("lm_head.weight",), "vocab", when="untied"),
+    # Some checkpoints store the tied head anyway: it must equal the embedding (checked on
+    # import) and is written back from it.
+    Rule("embedding.word_embeddings.weight", ("lm_head.weight",), "vocab", when="tied_head_stored"),
 )
 
 ATTENTION_RULES = (
