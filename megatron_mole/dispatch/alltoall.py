@@ -112,14 +112,18 @@ class AllToAllDispatcher:
         return position < capacity
 
     def permute(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gates_TK: Optional[torch.Tensor] = None):
-        """-> (x_SD, gates_S or None, plan): rows for this rank's experts, by local expert."""
+        """-> (x_SD, gates_S or None, plan): rows for this rank's experts, by local expert.
+
+        ``gates_TK`` may carry channels ([T, K, C]; capacity drops rank by channel 0):
+        they reach the expert rank as ``gates_S`` [S, C]."""
         num_tokens, top_k = expert_idx_TK.shape
         if x_TD.shape[0] != num_tokens:
             raise ValueError(f"permute: x_TD has {x_TD.shape[0]} rows, expert_idx_TK {num_tokens}")
         expert_A = expert_idx_TK.t().reshape(-1)  # slot-major flat j*T + t
         kept_A = None
         if self.capacity_factor is not None and gates_TK is not None:
-            keep = self._keep_mask(expert_A, gates_TK.t().reshape(-1), expert_A.numel())
+            first_channel_TK = gates_TK if gates_TK.dim() == 2 else gates_TK[..., 0]
+            keep = self._keep_mask(expert_A, first_channel_TK.t().reshape(-1), expert_A.numel())
             kept_A = keep
             # dropped assignments sort past every expert and are never sent
             expert_A = torch.where(keep, expert_A, torch.full_like(expert_A, self.num_experts))
@@ -153,9 +157,12 @@ class AllToAllDispatcher:
         x_SD = x_SD.index_select(0, regroup_S)
         gates_S = None
         if gates_TK is not None:
-            gates_A = gates_TK.t().reshape(-1).index_select(0, sent_A).unsqueeze(-1)
-            gates_S = all_to_all(gates_A, recv_splits, send_splits, self.group).squeeze(-1)
-            gates_S = gates_S.index_select(0, regroup_S)
+            # [T, K] or [T, K, C]: C gate channels travel with their row
+            channels = tuple(gates_TK.shape[2:])
+            width = math.prod(channels)
+            gates_A = gates_TK.transpose(0, 1).reshape(num_tokens * top_k, width).index_select(0, sent_A)
+            gates_S = all_to_all(gates_A, recv_splits, send_splits, self.group)
+            gates_S = gates_S.index_select(0, regroup_S).view(-1, *channels)
         return x_SD, gates_S, plan
 
     def combine(self, y_SD: torch.Tensor, plan: AllToAllPlan, weights_TK: Optional[torch.Tensor] = None):
@@ -171,3 +178,7 @@ class AllToAllDispatcher:
         if weights_TK is not None:
             y_KTD = y_KTD * weights_TK.t().unsqueeze(-1).to(y_KTD.dtype)
         return y_KTD[0] if plan.top_k == 1 else y_KTD.sum(0)
+
+    def combine_add(self, out_TD: torch.Tensor, y_SD: torch.Tensor, plan: AllToAllPlan) -> torch.Tensor:
+        """``out_TD + combine(y_SD)`` (out of place, as LocalDispatcher.combine_add)."""
+        return out_TD + self.combine(y_SD, plan).to(out_TD.dtype)
