@@ -8,9 +8,14 @@ A converted directory holds::
     hf/                 the source's config, tokenizer and generation files, verbatim
 
 The model is Megatron-core's own ``GPTModel`` from ``get_gpt_layer_local_spec`` (MoE:
-its SequentialMLP experts), so the checkpoint loads at any TP/PP/EP: the sharded state
-dict of the model built for the current layout tells ``dist_checkpointing`` which
-slices each rank needs.
+its SequentialMLP experts; dense and MoE layers mixed: ``get_gpt_decoder_block_spec``),
+so the checkpoint loads at any TP/PP/EP (and virtual pipeline): the sharded state dict
+of the model built for the current layout tells ``dist_checkpointing`` which slices each
+rank needs.
+
+``load_tensors`` reads single parameters' regions of the checkpoint through torch's own
+checkpoint reader, without Megatron's loader (which wants whole stacked tensors): that
+is how export streams.
 """
 from __future__ import annotations
 
@@ -166,7 +171,7 @@ class _RegionPlanner:
     """The two calls ``FileSystemReader.read_data`` makes: where each read goes."""
 
     def __init__(self, targets):
-        self.targets = targets  # id of the MetadataIndex fqn -> tensor of the region
+        self.targets = targets  # our per-region fqn -> the region's tensor
 
     def resolve_tensor(self, read_item):
         target = self.targets[read_item.dest_index.fqn]
