@@ -1,5 +1,6 @@
 """apply_mole on Megatron's own GPTModel (dense and MoE): target patterns,
-layer selections, freezing, errors, and adapter state-dict errors.
+layer selections, freezing, errors, and adapter state-dict errors; plus a
+tiny run of ``megatron-mole bench layer``.
 
 The Megatron parts run in one spawned single-process world (the CPU runtime
 patches stay out of the pytest process); each test checks its part of the
@@ -88,6 +89,15 @@ def _body():
     res["moe_bare_fc1"] = _error(lambda: mm.apply_mole(build(moe=True), cfg(targets=["linear_fc1"])))
     res["moe_explicit"] = _error(lambda: mm.apply_mole(
         build(moe=True), cfg(targets=["decoder.layers.0.mlp.experts.**"])))
+
+    # `megatron-mole bench layer` runs end to end (tiny sizes; timings not checked)
+    import argparse
+    from megatron_mole import bench
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["layer", "--hidden", "32", "--ffn", "48", "--tokens", "24",
+                              "--experts", "3", "--ranks", "4", "--rounds", "1", "--device", "cpu"])
+    res["bench"] = bench.run(args)
     return res
 
 
@@ -133,6 +143,10 @@ def test_errors_name_the_problem(results):
     assert "missing tensor 'decoder.layers.0.mlp.mole.router.weight'" in err
     assert "unexpected tensor 'decoder.layers.9.mlp.mole.router.weight'" in err
     assert "'decoder.layers.1.mlp.linear_fc1.mole.lora_a' has shape [2, 3, 64], expected [2, 2, 64]" in err
+
+
+def test_bench_layer_runs(results):
+    assert results["bench"] == 0
 
 
 def test_moe_base(results):
