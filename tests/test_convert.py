@@ -42,6 +42,7 @@ CASES = {
     # bf16 kept in Megatron; verify casts the loaded weights to fp32
     "llama_bf16": ("LlamaConfig", {}, dict(dtype="bfloat16")),
     "mistral_window_headdim": ("MistralConfig", dict(sliding_window=5, head_dim=32), {}),
+    "llama_biases": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True), {}),
     "llama_tied_head_stored": ("LlamaConfig", dict(tie_word_embeddings=True), dict(store_tied_head=True)),
     "qwen2_bias_tied_padded": ("Qwen2Config", dict(tie_word_embeddings=True, rms_norm_eps=1e-5, vocab_size=120), {}),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), {}),
@@ -211,6 +212,7 @@ def test_mqa_checkpoint_refuses_tp_larger_than_kv_heads(converted):
 # (name of the case, tp, pp, ep[, vpp]) run on 2 processes in one launch.
 LAYOUTS = [
     ("llama", 2, 1, 1),
+    ("llama_biases", 2, 1, 1),
     ("llama", 1, 2, 1),
     ("llama_mqa_tied_padded", 1, 2, 1),
     ("qwen2_bias_tied_padded", 2, 1, 1),

@@ -86,8 +86,10 @@ def test_unrepresentable_rope_is_refused(rope, field):
 def test_unrepresentable_options_are_refused():
     from transformers import LlamaConfig, Qwen2Config
 
-    with pytest.raises(UnsupportedModelError, match="attention_bias"):
+    with pytest.raises(UnsupportedModelError, match="attention_bias=True is not supported"):
         spec_from_hf_config(LlamaConfig(**COMMON, attention_bias=True))
+    with pytest.raises(UnsupportedModelError, match="mlp_bias=True is not supported"):
+        spec_from_hf_config(LlamaConfig(**COMMON, mlp_bias=True))
     with pytest.raises(UnsupportedModelError, match="use_sliding_window"):
         spec_from_hf_config(Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=8))
 

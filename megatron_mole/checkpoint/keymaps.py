@@ -148,14 +148,20 @@ ATTENTION_RULES = (
         when="qkv_bias",
     ),
     Rule(_DL + "self_attention.linear_proj.weight", (_HL + "self_attn.o_proj.weight",)),
+    Rule(_DL + "self_attention.linear_proj.bias", (_HL + "self_attn.o_proj.bias",), when="linear_bias"),
     Rule(_DL + "pre_mlp_layernorm.weight", (_HL + "post_attention_layernorm.weight",)),
 )
 
 
 def _gated_mlp(mcore_prefix, hf_prefix, gate="gate_proj", up="up_proj", down="down_proj"):
-    return (
-        Rule(mcore_prefix + "linear_fc1.weight", (hf_prefix + f"{gate}.weight", hf_prefix + f"{up}.weight"), "concat"),
-        Rule(mcore_prefix + "linear_fc2.weight", (hf_prefix + f"{down}.weight",)),
+    return tuple(
+        rule
+        for kind, when in (("weight", ""), ("bias", "linear_bias"))
+        for rule in (
+            Rule(mcore_prefix + f"linear_fc1.{kind}", (hf_prefix + f"{gate}.{kind}", hf_prefix + f"{up}.{kind}"),
+                 "concat", when=when),
+            Rule(mcore_prefix + f"linear_fc2.{kind}", (hf_prefix + f"{down}.{kind}",), when=when),
+        )
     )
 
 

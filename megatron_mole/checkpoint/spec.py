@@ -85,11 +85,18 @@ def _attention(cfg, model_type) -> Dict[str, Any]:
     head_dim = _get(cfg, "head_dim") or hidden // heads
     if _get(cfg, "hidden_act", "silu") != "silu":
         _refuse(model_type, "hidden_act", _get(cfg, "hidden_act"), "only SwiGLU (silu) MLPs are mapped")
+    linear_bias = False
     if model_type == "llama":
-        for field in ("attention_bias", "mlp_bias"):
-            if _get(cfg, field, False):
-                _refuse(model_type, field, True, "biases on o_proj/MLP are not mapped (only q/k/v biases)")
-    qkv_bias = model_type == "qwen2" or (model_type == "qwen2_moe" and bool(_get(cfg, "qkv_bias", True)))
+        # Megatron has q/k/v biases alone (add_qkv_bias) or biases on every linear
+        # (add_bias_linear): Llama's attention_bias (q, k, v, o) matches only with mlp_bias.
+        attention_bias, mlp_bias = bool(_get(cfg, "attention_bias", False)), bool(_get(cfg, "mlp_bias", False))
+        if attention_bias != mlp_bias:
+            field = "attention_bias" if attention_bias else "mlp_bias"
+            _refuse(model_type, field, True, "Megatron puts biases on all linears or on q/k/v only; "
+                    "attention_bias and mlp_bias must both be set")
+        linear_bias = attention_bias
+    qkv_bias = linear_bias or model_type == "qwen2" or (
+        model_type == "qwen2_moe" and bool(_get(cfg, "qkv_bias", True)))
     if _get(cfg, "use_sliding_window", False):
         _refuse(model_type, "use_sliding_window", True,
                 "per-layer sliding windows (max_window_layers) are not mapped")
@@ -100,6 +107,7 @@ def _attention(cfg, model_type) -> Dict[str, Any]:
         "num_query_groups": groups,
         "kv_channels": head_dim,
         "add_qkv_bias": qkv_bias,
+        "add_bias_linear": linear_bias,
         # transformers attends to kv_idx > q_idx - W; Megatron keeps q-w0 <= kv <= q.
         "window_size": None if window is None else [int(window) - 1, 0],
         "attention_dropout": float(_get(cfg, "attention_dropout", 0.0) or 0.0),
@@ -166,7 +174,6 @@ def spec_from_hf_config(cfg, tp: int = 1, vocab_divisor: int = 128) -> Dict[str,
         "normalization": "RMSNorm",
         "layernorm_epsilon": float(_get(cfg, "rms_norm_eps")),
         "gated_linear_unit": True,
-        "add_bias_linear": False,
         "hidden_dropout": 0.0,
         # Fusions need CUDA kernels; a GPU run may switch them on through overrides.
         "bias_activation_fusion": False,
@@ -197,6 +204,7 @@ def spec_from_hf_config(cfg, tp: int = 1, vocab_divisor: int = 128) -> Dict[str,
         "flags": {
             "untied": not tied,
             "qkv_bias": transformer["add_qkv_bias"],
+            "linear_bias": transformer["add_bias_linear"],
             "shared_expert_gate": bool(transformer.get("moe_shared_expert_gate", False)),
         },
         "shapes": {
