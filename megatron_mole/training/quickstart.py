@@ -1,0 +1,203 @@
+"""`megatron-mole quickstart --work-dir DIR [--max-steps N] [--save-interval N]`: the whole product on a CPU.
+
+Runs as one ordinary process (not under torchrun) and launches the distributed part
+itself:
+
+1. ``DIR/data/train.jsonl``: the synthetic four-domain instruction set (synthetic.py);
+2. ``DIR/hf_base/``: a byte-level BPE tokenizer trained on that text (no hub) and a tiny
+   Llama (``transformers.LlamaConfig``: hidden 64, 2 layers, GQA, SwiGLU), pretrained
+   for a few seconds on the dataset's prompts and responses as unpaired documents (so
+   it knows the words but not the tasks), saved as safetensors;
+3. ``DIR/mcore/``: the base converted by ``megatron-mole convert hf-to-mcore``
+   (a subprocess);
+4. ``DIR/config.yaml`` and training: LLaVA-MoLE style adapters (one top-1 router per
+   MLP, 4 LoRA experts on fc1/fc2, plain LoRA on attention) trained by
+   ``torchrun --nproc-per-node 2 -m megatron_mole train`` (``torch.distributed.run``
+   in a subprocess, one thread per rank), logging to ``DIR/train.jsonl`` and saving to
+   ``DIR/checkpoints/``;
+5. ``DIR/hf_adapter/``: the adapter exported for transformers, and a few generations
+   of the base with the adapter loaded (when the export command and
+   ``megatron_mole.hf.load_mole_adapter`` are installed; otherwise it says so).
+
+Each run starts training afresh: a previous run's ``train.jsonl``, ``checkpoints/``
+and ``hf_adapter/`` are replaced. Everything is a function of ``--seed``.
+"""
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+NPROC = 2
+# The quickstart's layout (2 processes). EP=2 once the MoLE layers use the all-to-all dispatcher.
+LAYOUT = {"tp": 1, "pp": 1, "ep": 1}
+BASE = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256}
+EXAMPLES_PER_DOMAIN = 256
+VOCAB_SIZE = 512
+PRETRAIN_STEPS = 120
+
+
+def build_base(work_dir: Path, seed: int = 0, examples_per_domain: int = EXAMPLES_PER_DOMAIN,
+               pretrain_steps: int = PRETRAIN_STEPS) -> Path:
+    """Data, tokenizer and a tiny Llama (briefly pretrained) in ``work_dir/hf_base``; returns that directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_mole.training.synthetic import generate_records, record_texts, write_instruction_dataset
+    from megatron_mole.training.tokenizer import train_tokenizer
+
+    write_instruction_dataset(work_dir, examples_per_domain, seed)
+    hf_dir = work_dir / "hf_base"
+    texts = record_texts(generate_records(examples_per_domain, seed))
+    tokenizer = train_tokenizer(texts, hf_dir, vocab_size=VOCAB_SIZE)
+    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **BASE)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    if pretrain_steps:
+        pretrain(model, tokenizer, texts, pretrain_steps, seed)
+    model.save_pretrained(hf_dir)
+    return hf_dir
+
+
+def pretrain(model, tokenizer, texts, steps: int, seed: int, seq_length: int = 64, batch: int = 16):
+    """Next-token training of every weight on ``texts`` as separate documents (prompts and responses
+    unpaired): the base learns the language, not the tasks, and gets a usable output layer. A random
+    base's output layer (std 0.02 on a normalised hidden state) keeps every logit near zero, which no
+    adapter on the blocks can undo."""
+    import torch
+
+    ids_N = torch.tensor([i for text in texts for i in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]])
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        starts_B = torch.randint(0, len(ids_N) - seq_length, (batch,), generator=generator)
+        tokens_BS = torch.stack([ids_N[s:s + seq_length] for s in starts_B.tolist()])
+        loss = model(input_ids=tokens_BS, labels=tokens_BS).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    print(f"quickstart: pretrained the base {steps} steps on unpaired texts (last loss {loss.item():.3f})", flush=True)
+
+
+def train_config(work_dir: Path, max_steps: int, save_interval: int, seed: int = 0) -> dict:
+    """The quickstart's training config (what ``DIR/config.yaml`` holds), paths absolute."""
+    work_dir = work_dir.resolve()
+    return {
+        "base": {"checkpoint": str(work_dir / "mcore"), "tokenizer": str(work_dir / "hf_base")},
+        "parallel": dict(LAYOUT, micro_batch=4, global_batch=16),
+        "mole": {"num_experts": 4, "rank": 8, "alpha": 16, "top_k": 1, "expert_scope": "mlp",
+                 "targets": ["linear_fc1", "linear_fc2", "linear_qkv", "linear_proj"],
+                 "aux_loss_coeff": 0.01, "seed": seed},
+        "optimizer": {"lr": 3.0e-3, "clip_grad": 1.0, "distributed": True},
+        "schedule": {"max_steps": max_steps, "warmup_steps": min(10, max_steps), "decay_style": "cosine"},
+        "data": {"paths": [str(work_dir / "data" / "train.jsonl")], "seq_length": 64, "packing": True},
+        "logging": {"log_jsonl": str(work_dir / "train.jsonl"), "progress": True},
+        "checkpoint": {"save_dir": str(work_dir / "checkpoints"), "interval": save_interval, "keep_last": 2},
+        "seed": seed,
+    }
+
+
+def _run(command: list, what: str, env=None) -> float:
+    print(f"quickstart: {what}: {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    completed = subprocess.run(command, env=env)
+    if completed.returncode != 0:
+        raise SystemExit(f"quickstart: {what} failed (exit status {completed.returncode})")
+    return time.perf_counter() - start
+
+
+def _rank_env() -> dict:
+    # 2 ranks on a small CPU box: one intra-op thread each, or they fight over the cores.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def convert(hf_dir: Path, out_dir: Path):
+    """``megatron-mole convert hf-to-mcore`` in a subprocess (its CPU runtime stays out of this process)."""
+    _run([sys.executable, "-m", "megatron_mole", "convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(out_dir),
+          "--overwrite"], "convert", env=_rank_env())
+
+
+def export_and_generate(work_dir: Path, num_prompts: int = 4) -> bool:
+    """Export the last checkpoint to ``DIR/hf_adapter`` and print generations; False when unavailable."""
+    if importlib.util.find_spec("megatron_mole.checkpoint.export_cli") is None:
+        print("quickstart: skipping export and generation: `megatron-mole export` is not installed in this "
+              "version (the trained adapter is in checkpoints/)", flush=True)
+        return False
+    out = work_dir / "hf_adapter"
+    if out.exists():
+        shutil.rmtree(out)
+    _run([sys.executable, "-m", "megatron_mole", "export", "--checkpoint", str(work_dir / "checkpoints"),
+          "--base", str(work_dir / "mcore"), "--out", str(out)], "export", env=_rank_env())
+    try:
+        from megatron_mole.hf import load_mole_adapter
+    except ImportError:
+        print("quickstart: skipping generation: megatron_mole.hf.load_mole_adapter is not available", flush=True)
+        return False
+    generate(work_dir / "hf_base", out, load_mole_adapter, num_prompts)
+    return True
+
+
+def generate(base_dir: Path, adapter_dir: Path, load_adapter, num_prompts: int):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_mole.training.synthetic import demo_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(base_dir), str(adapter_dir)).eval()
+    for domain, prompt, expected in demo_prompts()[:num_prompts]:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        print(f"  [{domain}] {prompt!r} -> {text!r} (expected {expected!r})", flush=True)
+
+
+def add_arguments(parser):
+    parser.add_argument("--work-dir", required=True, help="output directory (created)")
+    parser.add_argument("--max-steps", type=int, default=150, help="training steps")
+    parser.add_argument("--save-interval", type=int, default=50, help="steps between checkpoints")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    import yaml
+
+    if args.max_steps < 1 or args.save_interval < 0:
+        raise SystemExit(f"quickstart: --max-steps must be >= 1 and --save-interval >= 0, got "
+                         f"{args.max_steps} and {args.save_interval}")
+    start = time.perf_counter()
+    work_dir = Path(args.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("train.jsonl", "checkpoints", "hf_adapter"):
+        path = work_dir / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+    hf_dir = build_base(work_dir, args.seed)
+    print(f"quickstart: wrote {work_dir / 'data' / 'train.jsonl'} and a tiny Llama base in {hf_dir} "
+          f"({time.perf_counter() - start:.1f}s)", flush=True)
+    convert(hf_dir, work_dir / "mcore")
+
+    config_path = work_dir / "config.yaml"
+    with open(config_path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(train_config(work_dir, args.max_steps, args.save_interval, args.seed), handle,
+                       sort_keys=False)
+    seconds = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}",
+                    "-m", "megatron_mole", "train", "--config", str(config_path)], f"train on {NPROC} processes",
+                   env=_rank_env())
+    print(f"quickstart: training took {seconds:.1f}s; log {work_dir / 'train.jsonl'}, "
+          f"checkpoints {work_dir / 'checkpoints'}", flush=True)
+    export_and_generate(work_dir)
+    print(f"quickstart: done in {time.perf_counter() - start:.1f}s", flush=True)
+    return 0

@@ -1,0 +1,137 @@
+"""`megatron-mole train` end to end on a tiny converted Llama (hidden 64, 2 layers), 2 gloo processes.
+
+One launch runs several jobs through the real entry point (``megatron_mole.cli.main``):
+
+- A: 4 steps at TP1 x DP2 (distributed optimizer, adapter dropout, packing), saving at steps 2 and 4;
+- B: resumes A's step 2 at the same layout: steps 3-4 must give A's losses bit for bit (the
+  optimizer shards, scheduler, data position and dropout RNG all matter: dropout is on);
+- C/D: resume A's step 2 without dropout at TP2 x DP1 (C) and at A's layout (D), one step: the
+  adapters load at another layout, so C's step-3 loss equals D's (the optimizer is rebuilt in C,
+  which says so, and restored in D; a step's loss is computed before its update);
+- E: ``--strict`` refuses the data's bad lines (exit status 2); A reports them, with line numbers.
+
+A separate job kills the process in the middle of its second checkpoint save: the first one stays
+loadable and ``latest`` still names it.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests._dist import run_distributed
+
+BAD_LINES = {3: "{not json", 7: json.dumps({"messages": [{"role": "user", "content": "no domain"}]})}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    from megatron_mole.training.quickstart import build_base, convert
+
+    work = tmp_path_factory.mktemp("train")
+    hf_dir = build_base(work, seed=0, examples_per_domain=16, pretrain_steps=0)
+    convert(hf_dir, work / "mcore")
+    lines = (work / "data" / "train.jsonl").read_text().splitlines()
+    for number, text in sorted(BAD_LINES.items()):
+        lines.insert(number - 1, text)
+    (work / "data" / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    config = {
+        "base": {"checkpoint": str(work / "mcore"), "tokenizer": str(hf_dir)},
+        "parallel": {"tp": 1, "pp": 1, "ep": 1, "micro_batch": 1, "global_batch": 4},
+        "mole": {"num_experts": 4, "rank": 4, "alpha": 8, "top_k": 1, "dropout": 0.1, "expert_scope": "mlp",
+                 "targets": ["linear_fc1", "linear_fc2", "linear_qkv"]},
+        "optimizer": {"lr": 1.0e-2, "clip_grad": 1.0, "distributed": True},
+        "schedule": {"max_steps": 4, "warmup_steps": 1, "decay_style": "cosine"},
+        "data": {"paths": [str(work / "data" / "bad.jsonl")], "seq_length": 32, "packing": True},
+        "logging": {"progress": False},
+    }
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    return work
+
+
+def _losses(path) -> dict:
+    return {r["step"]: r["loss"] for r in map(json.loads, Path(path).read_text().splitlines())}
+
+
+def _jobs(work):
+    from megatron_mole.cli import main
+    from megatron_mole.training.loop import train
+    from megatron_mole.training.train_config import load_train_config
+
+    work = Path(work)
+    cfg = str(work / "config.yaml")
+    out = {"A": main(["train", "--config", cfg, "--save", str(work / "A"), "--save-interval", "2",
+                      "--log-jsonl", str(work / "A.jsonl")])}
+    out["B"] = main(["train", "--config", cfg, "--load", str(work / "A"), "--load-step", "2",
+                     "--save", str(work / "B"), "--log-jsonl", str(work / "B.jsonl")])
+    for name, tp in (("C", 2), ("D", 1)):
+        result = train(load_train_config(cfg, [f"parallel.tp={tp}", "mole.dropout=0.0"], {
+            "checkpoint.load_dir": str(work / "A"), "checkpoint.load_step": 2, "schedule.max_steps": 3}))
+        out[name] = {"loss": result.records[0]["loss"], "start": result.start_step,
+                     "rebuilt": result.optimizer_rebuilt, "record": result.records[0],
+                     "bad": [str(b) for b in result.data_report.bad_lines]}
+    out["E"] = main(["train", "--config", cfg, "--strict"])
+    return out
+
+
+def test_resume_exact_and_at_another_layout(work, capfd):
+    rank0, rank1 = run_distributed(_jobs, 2, str(work), timeout=600)
+    assert rank0["A"] == rank0["B"] == 0 and rank1["A"] == 0
+    a, b = _losses(work / "A.jsonl"), _losses(work / "B.jsonl")
+    assert sorted(a) == [1, 2, 3, 4] and sorted(b) == [3, 4]
+    assert [b[3], b[4]] == [a[3], a[4]]  # bit for bit
+    assert a[4] < a[1]
+
+    c, d = rank0["C"], rank0["D"]
+    assert c["start"] == d["start"] == 2
+    assert c["rebuilt"] and not d["rebuilt"]
+    assert c["loss"] == pytest.approx(d["loss"], rel=1e-5)
+    record = d["record"]
+    assert record["domain_loss"] and set(record["domain_loss"]) <= {"arithmetic", "capitalize", "reverse", "translate"}
+    for layer in ("decoder.layers.0.mlp", "decoder.layers.1.mlp"):
+        assert sum(record["expert_load"][layer]) == pytest.approx(1.0)
+        assert record["aux"][layer]["load_balance"] >= 1.0 - 1e-6  # N * sum f_i P_i >= 1 at the optimum
+    assert record["grad_norm"] > 0 and record["lr"] > 0 and record["tokens_per_s"] > 0
+
+    path = str(work / "data" / "bad.jsonl")
+    assert [line.split(": ")[0] for line in c["bad"]] == [f"{path}:{n}" for n in sorted(BAD_LINES)]
+    assert rank0["E"] == 2 and rank1["E"] == 2
+    captured = capfd.readouterr()
+    assert f"{path}:3: invalid JSON" in captured.out + captured.err
+    assert "optimizer state rebuilt" in captured.out
+
+
+def _killed_save(work, save_dir):
+    from megatron_mole.cli import main
+    from megatron_mole.training import ckpt_io
+
+    commit = ckpt_io._commit
+
+    def die_on_second(root, step, *args, **kwargs):
+        if step == 2:
+            os._exit(17)  # killed after every file of step 2 was written, before rename and marker
+        return commit(root, step, *args, **kwargs)
+
+    ckpt_io._commit = die_on_second
+    main(["train", "--config", str(Path(work) / "config.yaml"), "--set", "parallel.global_batch=2",
+          "--max-steps", "3", "--save", save_dir, "--save-interval", "1"])
+
+
+def test_killed_save_leaves_previous_checkpoint(work, tmp_path):
+    from megatron_mole.training import ckpt_io
+
+    with pytest.raises(RuntimeError, match="exit codes \\[17\\]"):
+        run_distributed(_killed_save, 1, str(work), str(tmp_path), timeout=300)
+    assert ckpt_io.latest_step(tmp_path) == 1
+    checkpoint = ckpt_io.load_checkpoint(tmp_path, rank=0)
+    assert checkpoint.step == 1 and checkpoint.shared["data"]["position"] > 0
+    assert any(name.endswith("mole.router.weight") for name in checkpoint.shared["adapters"])
+    assert checkpoint.rank_state["optimizer"] and (tmp_path / ".tmp_step_2").is_dir()
+
+
+def test_unknown_config_key_is_refused(work, capsys):
+    from megatron_mole.cli import main
+
+    assert main(["train", "--config", str(work / "config.yaml"), "--set", "optimizer.lrr=1e-3"]) == 2
+    assert "config 'optimizer.lrr': unknown key" in capsys.readouterr().err
