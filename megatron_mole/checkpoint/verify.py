@@ -8,12 +8,17 @@ padding, and the transformers model (loaded on the last-stage ranks only) scores
 same tokens. The largest absolute difference over all ranks is printed; the command
 exits 1 above the tolerance (1e-4).
 
+With ``--adapter DIR`` (an exported adapter, ``megatron-mole export``) both sides carry
+it: Megatron through ``apply_mole`` + ``load_adapter_state_dict`` of the tensors mapped
+back to Megatron names (``import_adapter``), transformers through
+``megatron_mole.hf.load_mole_adapter``; so the export mapping, its inverse and the
+Hugging Face modules are all checked, at any layout.
+
 Legend: B batch, S sequence, V vocabulary (Vt: this TP rank's share).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
@@ -61,10 +66,14 @@ def megatron_logits(chunks, tokens_BS: torch.Tensor, vocab_size: int):
     return torch.cat([o["logits"] for o in out], dim=0)
 
 
-def hf_logits(hf_dir: str, tokens_BS: torch.Tensor) -> torch.Tensor:
+def hf_logits(hf_dir: str, tokens_BS: torch.Tensor, adapter: str = None) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(tokens_BS.device)
+    if adapter is not None:
+        from megatron_mole.hf import load_mole_adapter
+
+        load_mole_adapter(model, adapter)
     model.eval()
     with torch.no_grad():
         return model(input_ids=tokens_BS).logits.float()
@@ -83,9 +92,10 @@ def _ensure_layout(tp, pp, ep, vpp, device):
 
 def max_logits_difference(
     hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1, ep: int = 1, vpp=None,
-    seed: int = 1234, batch: int = 2, seq: int = 16, device="auto",
+    seed: int = 1234, batch: int = 2, seq: int = 16, device="auto", adapter: str = None,
 ) -> float:
-    """Max |Megatron - transformers| logits in fp32 at this layout; the same value on every rank."""
+    """Max |Megatron - transformers| logits in fp32 at this layout; the same value on every rank.
+    ``adapter``: an exported adapter directory loaded on both sides."""
     import torch.distributed as dist
 
     from megatron_mole.checkpoint.mcore import load_model_chunks, read_spec
@@ -95,18 +105,31 @@ def max_logits_difference(
     generator = torch.Generator().manual_seed(seed)
     tokens_BS = torch.randint(0, vocab, (batch, seq), generator=generator).to(info.device)
     chunks = load_model_chunks(mcore_dir, params_dtype=torch.float32)
+    if adapter is not None:
+        _apply_adapter(chunks, adapter)
     ours = megatron_logits(chunks, tokens_BS, vocab)
     diff = torch.zeros(1, dtype=torch.float64, device=info.device)
     if ours is not None:
-        diff += (ours - hf_logits(hf_dir, tokens_BS)).abs().max().double()
+        diff += (ours - hf_logits(hf_dir, tokens_BS, adapter)).abs().max().double()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return diff.item()
+
+
+def _apply_adapter(chunks, adapter_dir: str) -> None:
+    from megatron_mole.checkpoint.adapters import import_adapter
+    from megatron_mole.model import apply_mole, load_adapter_state_dict
+
+    sd, cfg, _ = import_adapter(adapter_dir)
+    for chunk in chunks:
+        apply_mole(chunk, cfg)
+    load_adapter_state_dict(list(chunks), sd)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf", required=True, help="Hugging Face model directory")
     parser.add_argument("--mcore", required=True, help="converted Megatron-core directory")
-    parser.add_argument("--adapter", default=None, help="adapter directory (not yet supported)")
+    parser.add_argument("--adapter", default=None, help="exported adapter directory (megatron-mole export), "
+                        "loaded on both sides")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1)
@@ -119,17 +142,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    if args.adapter is not None:
-        print("verify --adapter is not yet supported: adapter export and loading land with issue 5's "
-              "adapter part", file=sys.stderr)
-        return 2
     diff = max_logits_difference(args.hf, args.mcore, args.tp, args.pp, args.ep, args.vpp,
-                                 seed=args.seed, batch=args.batch, seq=args.seq, device=args.device)
+                                 seed=args.seed, batch=args.batch, seq=args.seq, device=args.device,
+                                 adapter=args.adapter)
     from megatron_mole import runtime
 
     ok = diff <= args.tolerance
     if runtime.get_runtime().rank == 0:
-        print(f"max |logits megatron - transformers| = {diff:.3e} at tp={args.tp} pp={args.pp} ep={args.ep} "
+        what = "" if args.adapter is None else " (with the adapter)"
+        print(f"max |logits megatron - transformers|{what} = {diff:.3e} at tp={args.tp} pp={args.pp} ep={args.ep} "
               f"vpp={args.vpp} "
               f"(tolerance {args.tolerance:.0e}): {'OK' if ok else 'FAILED'}")
     return 0 if ok else 1

@@ -1,0 +1,161 @@
+"""``load_mole_adapter``: an exported MoLE/LoRA adapter inside a transformers model.
+
+The modules injected are the very classes Megatron trains with (layers/), wrapped
+around transformers' ``nn.Linear`` modules through the single-device ``NoParallel``
+placement: one implementation of routing, dispatch, expert matmuls and the MLP-scope
+mixture for training and for inference (``generate()`` included).
+
+- ``lora`` / ``mole_linear`` groups: every Hugging Face linear of the group (q/k/v_proj
+  of Megatron's fused ``linear_qkv``, gate/up_proj of ``linear_fc1``, or one linear)
+  becomes a :class:`LoRALinear` / :class:`MoLELinear` holding its rows of B. A and the
+  router are one Megatron tensor: the wrappers of a group share one ``Parameter``
+  (so q, k and v route identically, as the fused Megatron linear does).
+- ``mole_mlp`` groups: :class:`MoLEMLP` needs Megatron's fused fc1 ([gate; up]). The
+  Hugging Face MLP is replaced by the wrapper around a shim whose ``linear_fc1`` holds
+  ``cat([gate.weight, up.weight])``; the separate gate/up weights go away with the
+  replaced module, so the frozen weights are not held twice (only during the swap,
+  one MLP at a time).
+
+Adapted modules' names change (``...q_proj.base.weight``, ``...mlp.base.linear_fc1.weight``):
+the model is meant for inference; merge a one-expert adapter (``export --merge``) for a
+plain checkpoint.
+"""
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_mole.hf.format import AdapterFormatError, check_shared, read_adapter_dir, tensor_links
+from megatron_mole.layers.base import AdapterWrapper
+from megatron_mole.layers.linear import LoRALinear, MoLELinear
+from megatron_mole.layers.mole_mlp import MoLEMLP
+
+__all__ = ["load_mole_adapter", "HFMoLEMLP"]
+
+# Parameters that are one Megatron tensor for every wrapper of a linear group.
+_SHARED_PARAMS = {"lora": (("lora", "lora_a"),), "mole_linear": (("router", "weight"), ("mole", "lora_a"))}
+_ACTIVATIONS = {"silu": F.silu}
+
+
+class _FusedGatedMLP(nn.Module):
+    """A transformers gated MLP seen as Megatron's MLP: ``linear_fc1`` = [gate; up] fused,
+    ``linear_fc2`` = down, ``config`` with the activation (what MoLEMLP reads)."""
+
+    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, activation):
+        super().__init__()
+        fused = nn.Linear(gate.in_features, 2 * gate.out_features, bias=gate.bias is not None, device="meta")
+        with torch.no_grad():
+            fused.weight = nn.Parameter(torch.cat([gate.weight, up.weight]), requires_grad=False)
+            if gate.bias is not None:
+                fused.bias = nn.Parameter(torch.cat([gate.bias, up.bias]), requires_grad=False)
+        self.linear_fc1, self.linear_fc2 = fused, down
+        self.config = SimpleNamespace(activation_func=activation, gated_linear_unit=True)
+
+
+class HFMoLEMLP(MoLEMLP):
+    """MoLEMLP with transformers' MLP signature: a tensor in, a tensor out."""
+
+    def forward(self, x):
+        out, _ = super().forward(x.reshape(-1, 1, x.shape[-1]))
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _linear(model, name):
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as err:
+        raise AdapterFormatError(f"the model has no module {name!r} named by the adapter ({err})") from err
+    if not isinstance(module, nn.Linear):
+        raise AdapterFormatError(f"module {name!r} is a {type(module).__name__}, not an nn.Linear: "
+                                 f"unsupported adapter base")
+    return module
+
+
+def _replace(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _load(wrapper, tensors, adapter_dir):
+    errors = []
+    wrapper.load_full_adapter_tensors(tensors, errors)
+    if errors:
+        raise AdapterFormatError(f"{adapter_dir}: " + "; ".join(errors))
+
+
+def _wrap_linears(model, group, cfg, tensors, adapter_dir):
+    cls = LoRALinear if group["kind"] == "lora" else MoLELinear
+    wrappers = []
+    for name in group["hf"]:
+        wrapper = cls(_linear(model, name), cfg)
+        wrapper.adapter_prefix = name
+        _load(wrapper, tensors, adapter_dir)
+        wrappers.append(wrapper)
+    for wrapper in wrappers[1:]:
+        for owner, attr in _SHARED_PARAMS[group["kind"]]:
+            setattr(getattr(wrapper, owner), attr, getattr(getattr(wrappers[0], owner), attr))
+    for name, wrapper in zip(group["hf"], wrappers):
+        _replace(model, name, wrapper)
+
+
+def _wrap_mlp(model, group, cfg, tensors, adapter_dir, hidden_act):
+    name = group["hf"]
+    if hidden_act not in _ACTIVATIONS:
+        raise AdapterFormatError(f"expert_scope='mlp' on {name!r}: hidden_act={hidden_act!r} is not supported "
+                                 f"(supported: {sorted(_ACTIVATIONS)})")
+    (gate, up), (down,) = group["linears"]["linear_fc1"], group["linears"]["linear_fc2"]
+    shim = _FusedGatedMLP(*(_linear(model, f"{name}.{n}") for n in (gate, up, down)), _ACTIVATIONS[hidden_act])
+    wrapper = HFMoLEMLP(shim, cfg, "linear_fc1" in group["adapted"], "linear_fc2" in group["adapted"])
+    wrapper.adapter_prefix = name
+    # MoLEMLP's own tensor names below the MLP, with fc1's B rows fused back to [gate; up].
+    local = {}
+    for megatron_name, hf_names, how in tensor_links(group):
+        value = tensors[hf_names[0]] if how == "shared" else torch.cat([tensors[n] for n in hf_names], dim=-2)
+        local[name + megatron_name[len(group["megatron"]):]] = value
+    _load(wrapper, local, adapter_dir)
+    _replace(model, name, wrapper)
+
+
+def _mole_config(config):
+    from megatron_mole.config import MoLEConfig
+
+    values = dict(config["mole_config"])
+    values["dispatch"] = "local"  # one process: every expert is here
+    return MoLEConfig.from_dict(values)
+
+
+def load_mole_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
+    """Inject the adapter exported to ``adapter_dir`` into ``model`` (a transformers
+    causal LM of the adapter's base architecture); returns ``model``, adapted in place.
+
+    Errors (:class:`AdapterFormatError`, naming the file, tensor or module): a missing or
+    damaged file, another base architecture, a module the model lacks or that is not an
+    ``nn.Linear``, a tensor of the wrong shape, an unsupported method or activation, a
+    model that already holds adapters.
+    """
+    config, tensors = read_adapter_dir(adapter_dir)
+    base = config.get("base", {})
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if base.get("model_type") and model_type != base["model_type"]:
+        raise AdapterFormatError(f"{adapter_dir}: the adapter was trained on a {base['model_type']!r} base; "
+                                 f"this model has model_type={model_type!r}")
+    if config.get("method") != "mole":
+        raise AdapterFormatError(f"{adapter_dir}: method {config.get('method')!r} is not supported by "
+                                 f"load_mole_adapter (supported: 'mole')")
+    if any(isinstance(m, AdapterWrapper) for m in model.modules()):
+        raise AdapterFormatError("the model already holds adapters; load the adapter into a fresh model")
+    cfg = _mole_config(config)
+    hidden_act = getattr(model.config, "hidden_act", "silu")
+    for group in config["modules"]:
+        for _, names, how in tensor_links(group):
+            if how == "shared":
+                check_shared(names, tensors)
+        if group["kind"] == "mole_mlp":
+            _wrap_mlp(model, group, cfg, tensors, adapter_dir, hidden_act)
+        else:
+            _wrap_linears(model, group, cfg, tensors, adapter_dir)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.mole_adapter_config = config
+    return model
