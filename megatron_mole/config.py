@@ -46,6 +46,11 @@ class MoLEConfig:
     lora_b_init: str = "zeros"
     grouped_mm_backend: str = "loop"
     dispatch: str = "auto"
+    # all-to-all only: keep at most ceil(capacity_factor * T*K / E) rows per expert and
+    # source rank (lowest gates dropped); None = dropless
+    capacity_factor: Optional[float] = None
+    # "auto" dispatch: tokens per rank and step assumed by the cost model
+    dispatch_tokens_per_rank: int = 4096
     seed: int = 1234
 
     def __post_init__(self):
@@ -74,6 +79,11 @@ class MoLEConfig:
         need(self.grouped_mm_backend in GROUPED_MM_BACKENDS, "grouped_mm_backend",
              f"must be one of {sorted(GROUPED_MM_BACKENDS)}")
         need(self.dispatch in DISPATCH_MODES, "dispatch", f"must be one of {DISPATCH_MODES}")
+        need(self.capacity_factor is None
+             or (isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0),
+             "capacity_factor", "must be None (dropless) or a number > 0")
+        need(isinstance(self.dispatch_tokens_per_rank, int) and self.dispatch_tokens_per_rank >= 1,
+             "dispatch_tokens_per_rank", "must be an int >= 1")
         for name in ("aux_loss_coeff", "z_loss_coeff"):
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and value >= 0, name, "must be a number >= 0")

@@ -1,9 +1,12 @@
 """Token dispatch to LoRA experts: ``permute`` tokens into expert-sorted rows,
-``combine`` expert outputs back (autograd through index_select).
+``combine`` expert outputs back (autograd through index_select / all-to-all).
 
-``local`` keeps every expert on this rank; the expert-parallel all-to-all
-dispatcher provides the same interface (see local.py's docstring).
+``LocalDispatcher`` keeps every expert on this rank; ``AllToAllDispatcher``
+reaches the experts of an expert-parallel group with the same interface;
+``cost`` models which of the two moves fewer bytes. Which one a layer uses is
+decided by layers/expert_parallel.py.
 """
-from megatron_mole.dispatch.local import DISPATCHERS, DispatchPlan, LocalDispatcher, build_dispatcher
+from megatron_mole.dispatch.alltoall import AllToAllDispatcher, AllToAllPlan
+from megatron_mole.dispatch.local import DispatchPlan, LocalDispatcher
 
-__all__ = ["DISPATCHERS", "DispatchPlan", "LocalDispatcher", "build_dispatcher"]
+__all__ = ["AllToAllDispatcher", "AllToAllPlan", "DispatchPlan", "LocalDispatcher"]

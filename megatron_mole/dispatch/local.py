@@ -83,12 +83,3 @@ class LocalDispatcher:
         Functions' outputs, which must not be modified in place. Optional for
         other dispatchers."""
         return out_TD.index_add(0, plan.tok_S, y_SD)
-
-
-DISPATCHERS = {"local": LocalDispatcher}
-
-
-def build_dispatcher(cfg) -> LocalDispatcher:
-    """The dispatcher for ``cfg.dispatch`` on this rank. Without expert
-    parallelism every mode is local."""
-    return LocalDispatcher(cfg.num_experts)

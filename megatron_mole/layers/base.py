@@ -6,6 +6,9 @@ Export names are ``{prefix}.{suffix}`` where ``prefix`` is the wrapped
 module's path with the global layer index (set by ``apply_mole``) and
 ``suffix`` is fixed per wrapper (see README "Adapter tensor names").
 
+Expert tensors (``experts`` set) are split along dim 0 over expert
+parallelism before the TP split (layers/expert_parallel.py).
+
 Legend: E experts, R rank, I in features, O out features.
 """
 from dataclasses import dataclass
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 
 from megatron_mole.experts.init import full_init
+from megatron_mole.layers.expert_parallel import REPLICATED, ExpertSharding
 
 
 @dataclass
@@ -25,11 +29,13 @@ class AdapterTensor:
     split_dim: Optional[int]       # dim split over TP, None = replicated
     init: str                      # "kaiming" | "zeros"
     fan_in: int                    # full fan-in for the kaiming bound
+    experts: ExpertSharding = REPLICATED  # dim 0 split over expert parallelism
 
     def full_shape(self) -> Tuple[int, ...]:
         shape = list(self.param.shape)
         if self.split_dim is not None:
             shape[self.split_dim] *= self.placement.tp_size
+        shape[0] *= self.experts.size
         return tuple(shape)
 
 
@@ -52,7 +58,8 @@ class AdapterWrapper(nn.Module):
             self._copy_full(t, full)
 
     def _copy_full(self, t: AdapterTensor, full: torch.Tensor) -> None:
-        local = full if t.split_dim is None else t.placement.shard(full, t.split_dim)
+        local = t.experts.shard(full)
+        local = local if t.split_dim is None else t.placement.shard(local, t.split_dim)
         t.param.data.copy_(local.to(device=t.param.device, dtype=t.param.dtype))
 
     @torch.no_grad()
@@ -61,7 +68,7 @@ class AdapterWrapper(nn.Module):
         for t in self.adapter_tensors():
             local = t.param.detach()
             full = local if t.split_dim is None else t.placement.unshard(local, t.split_dim)
-            out[self.adapter_name(t)] = full.clone()
+            out[self.adapter_name(t)] = t.experts.unshard(full).clone()
         return out
 
     @torch.no_grad()

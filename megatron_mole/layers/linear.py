@@ -20,9 +20,9 @@ Legend: T tokens, S sorted rows, E experts, R rank, I in (local), O out (local).
 import torch
 import torch.nn.functional as F
 
-from megatron_mole.dispatch import build_dispatcher
 from megatron_mole.experts import LoRA, LoRAExperts
 from megatron_mole.layers.base import AdapterTensor, AdapterWrapper
+from megatron_mole.layers.expert_parallel import build_expert_dispatcher, expert_sharding
 from megatron_mole.layers.parallel import placement_for
 from megatron_mole.routing import AUX_LOSS_TRACKER, attach_aux_loss, build_router
 
@@ -102,9 +102,14 @@ class MoLELinear(_LinearWrapper):
     def __init__(self, base, cfg, placement=None):
         super().__init__(base, cfg, placement)
         self.router = build_router(self.in_local, cfg, device=self.device)
-        self.mole = LoRAExperts(cfg.num_experts, self.in_local, self.out_local, cfg.rank,
-                                cfg.grouped_mm_backend, self.dtype, self.device)
-        self.dispatcher = build_dispatcher(cfg)
+        tp, kind = self.place.tp_size, self.place.kind
+        full_dims = (self.in_local * (tp if kind == "row" else 1),
+                     self.out_local * (tp if kind == "column" else 1))
+        self.sharding = expert_sharding(cfg, [full_dims])
+        self.mole = LoRAExperts(self.sharding.num_local(cfg.num_experts), self.in_local,
+                                self.out_local, cfg.rank, cfg.grouped_mm_backend, self.dtype,
+                                self.device)
+        self.dispatcher = build_expert_dispatcher(cfg, self.sharding)
 
     def adapter_tensors(self):
         a_dim, b_dim, r_dim = split_dims(self.place, expert_dim=True)
@@ -113,9 +118,10 @@ class MoLELinear(_LinearWrapper):
         return [
             AdapterTensor("mole.router.weight", self.router.weight, self.place, r_dim, "kaiming",
                           fan_in),
-            AdapterTensor("mole.lora_a", self.mole.lora_a, self.place, a_dim, "kaiming", fan_in),
+            AdapterTensor("mole.lora_a", self.mole.lora_a, self.place, a_dim, "kaiming", fan_in,
+                          self.sharding),
             AdapterTensor("mole.lora_b", self.mole.lora_b, self.place, b_dim, b_init,
-                          self.cfg.rank),
+                          self.cfg.rank, self.sharding),
         ]
 
     def delta(self, x_TI, into_TO=None):

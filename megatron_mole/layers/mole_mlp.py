@@ -42,9 +42,9 @@ F ffn (local), F1 fc1 out (local).
 import torch
 import torch.nn.functional as F
 
-from megatron_mole.dispatch import build_dispatcher
 from megatron_mole.experts import LoRAExperts
 from megatron_mole.layers.base import AdapterTensor, AdapterWrapper
+from megatron_mole.layers.expert_parallel import build_expert_dispatcher, expert_sharding
 from megatron_mole.layers.linear import adapter_dropout, split_dims
 from megatron_mole.layers.mlp_core import swiglu_mixture
 from megatron_mole.layers.parallel import placement_for
@@ -79,15 +79,19 @@ class MoLEMLP(AdapterWrapper):
         hidden = fc1.weight.shape[1]
         dtype, device = fc1.weight.dtype, fc1.weight.device
         self.router = build_router(hidden, cfg, device=device)
+        ffn_full = fc2.weight.shape[1] * self.place2.tp_size
+        fc1_full = fc1.weight.shape[0] * self.place1.tp_size
+        self.sharding = expert_sharding(cfg, [(hidden, fc1_full), (ffn_full, hidden)])
+        num_local = self.sharding.num_local(cfg.num_experts)
         # Experts on fc1 and/or fc2, as the targets say; a missing one adds nothing.
         self.fc1 = self.fc2 = None
         if adapt_fc1:
-            self.fc1 = LoRAExperts(cfg.num_experts, hidden, fc1.weight.shape[0], cfg.rank,
+            self.fc1 = LoRAExperts(num_local, hidden, fc1.weight.shape[0], cfg.rank,
                                    cfg.grouped_mm_backend, dtype, device)
         if adapt_fc2:
-            self.fc2 = LoRAExperts(cfg.num_experts, fc2.weight.shape[1], fc2.weight.shape[0],
+            self.fc2 = LoRAExperts(num_local, fc2.weight.shape[1], fc2.weight.shape[0],
                                    cfg.rank, cfg.grouped_mm_backend, dtype, device)
-        self.dispatcher = build_dispatcher(cfg)
+        self.dispatcher = build_expert_dispatcher(cfg, self.sharding)
 
     def adapter_tensors(self):
         cfg, p1, p2 = self.cfg, self.place1, self.place2
@@ -98,11 +102,15 @@ class MoLEMLP(AdapterWrapper):
         ffn = self.base.linear_fc2.weight.shape[1] * p2.tp_size
         out = [AdapterTensor("mole.router.weight", self.router.weight, p1, None, "kaiming", hidden)]
         if self.fc1 is not None:
-            out += [AdapterTensor("linear_fc1.mole.lora_a", self.fc1.lora_a, p1, a1, "kaiming", hidden),
-                    AdapterTensor("linear_fc1.mole.lora_b", self.fc1.lora_b, p1, b1, b_init, cfg.rank)]
+            out += [AdapterTensor("linear_fc1.mole.lora_a", self.fc1.lora_a, p1, a1, "kaiming", hidden,
+                                  self.sharding),
+                    AdapterTensor("linear_fc1.mole.lora_b", self.fc1.lora_b, p1, b1, b_init, cfg.rank,
+                                  self.sharding)]
         if self.fc2 is not None:
-            out += [AdapterTensor("linear_fc2.mole.lora_a", self.fc2.lora_a, p2, a2, "kaiming", ffn),
-                    AdapterTensor("linear_fc2.mole.lora_b", self.fc2.lora_b, p2, b2, b_init, cfg.rank)]
+            out += [AdapterTensor("linear_fc2.mole.lora_a", self.fc2.lora_a, p2, a2, "kaiming", ffn,
+                                  self.sharding),
+                    AdapterTensor("linear_fc2.mole.lora_b", self.fc2.lora_b, p2, b2, b_init, cfg.rank,
+                                  self.sharding)]
         return out
 
     def forward(self, x, per_token_scale=None, padding_mask=None, **kwargs):
@@ -126,6 +134,8 @@ class MoLEMLP(AdapterWrapper):
         return attach_aux_loss(out, routing.aux_loss), bias
 
     def mixture(self, x_TH, routing):
+        if self.sharding.size > 1:
+            return self.expert_side_mixture(x_TH, routing)
         cfg, p1, p2 = self.cfg, self.place1, self.place2
         fc1, fc2 = self.base.linear_fc1, self.base.linear_fc2
         x_SH, p_S, plan = self.dispatcher.permute(x_TH, routing.expert_idx_TK, routing.gates_TK)
@@ -170,6 +180,38 @@ class MoLEMLP(AdapterWrapper):
             out_TH = out_TH + y2_TH
         # block-0 rows -> token order, once
         return out_TH.index_select(0, plan.row_of_KT[0])
+
+
+    def expert_side_mixture(self, x_TH, routing):
+        """Expert parallelism: every (token, slot) row runs its whole expert MLP on
+        the expert's rank, row_out = g W2 h + p s B2 A2 h with
+        h = act(W1 x + p s B1 A1 x), and ``combine`` sums a token's K rows at home.
+        Same math as ``mixture`` (W2 is linear); only H-wide rows cross ranks, at
+        the price of running the frozen MLP once per row (K times per token).
+        p and g travel with the rows as two gate channels."""
+        cfg, p1, p2 = self.cfg, self.place1, self.place2
+        fc1, fc2 = self.base.linear_fc1, self.base.linear_fc2
+        gates_TK = routing.gates_TK
+        K = gates_TK.shape[1]
+        gates_TKC = torch.stack([gates_TK, gates_TK / gates_TK.sum(-1, keepdim=True)], -1)
+        x_SH, pg_SC, plan = self.dispatcher.permute(x_TH, routing.expert_idx_TK, gates_TKC)
+        p_S, g_S = pg_SC.unbind(-1)
+        counts = plan.counts_G
+        z_SF1 = F.linear(p1.replicated(x_SH), fc1.weight)
+        if fc1.bias is not None:
+            z_SF1 = z_SF1 + fc1.bias
+        if self.fc1 is not None:
+            x_drop_SH = adapter_dropout(x_SH, cfg.dropout, p1, self.training)
+            u1_SR = p1.gate_and_reduce(self.fc1.down(x_drop_SH, counts), p_S * cfg.scaling)
+            z_SF1 = z_SF1 + self.fc1.up(u1_SR, counts)
+        h_SF = self.act(z_SF1)
+        hg_SF = h_SF if K == 1 else h_SF * p2.replicated(g_S.to(h_SF.dtype)).unsqueeze(-1)
+        y_SH = p2.after_down(F.linear(hg_SF, fc2.weight))
+        if self.fc2 is not None:
+            h_drop_SF = adapter_dropout(h_SF, cfg.dropout, p2, self.training)
+            u2_SR = p2.gate_and_reduce(self.fc2.down(h_drop_SF, counts), p_S * cfg.scaling)
+            y_SH = y_SH + self.fc2.up(u2_SR, counts)
+        return self.dispatcher.combine(y_SH, plan)
 
 
 def _fold_into_block0(v_SD, num_tokens, rest_pos):

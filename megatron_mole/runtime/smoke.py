@@ -45,11 +45,15 @@ def build_gpt(moe=False, sequence_parallel=False, vocab=VOCAB, seq=SEQ, num_laye
         pipeline_dtype=torch.float32,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
-        expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
         sequence_parallel=sequence_parallel,
     )
     if moe:
+        # Megatron's config refuses expert parallelism without MoE layers; a dense model
+        # at ep > 1 (MoLE experts sharded over EP) leaves these at 1.
+        kwargs.update(
+            expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+            expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
+        )
         kwargs.update(
             num_moe_experts=4,
             moe_router_topk=2,
