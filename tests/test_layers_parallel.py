@@ -73,6 +73,10 @@ def _replicated_params_identical_over_tp(model):
     return worst
 
 
+def _run_all():
+    return {case: _run(case) for case in sorted(CASES)}
+
+
 def _run(case):
     import torch
     import megatron_mole as mm
@@ -80,7 +84,7 @@ def _run(case):
     from megatron_mole.runtime import set_model_parallel
     from tests import _models
 
-    mm.init_distributed(device="cpu", seed=1234)
+    mm.init_distributed(device="cpu", seed=1234)  # a second call returns the same runtime
     batches = _models.make_batches(STEPS, global_batch=GLOBAL_BATCH)
     eval_tokens = _models.make_batches(1, global_batch=2, seed=99)[0]
     out = {"losses": [], "names": [], "base_ok": [], "tp_replica_diff": []}
@@ -114,9 +118,15 @@ def _run(case):
     return out
 
 
+@pytest.fixture(scope="module")
+def launch():
+    """Both cases in one 4-process launch (process start-up costs seconds)."""
+    return run_distributed(_run_all, 4, timeout=600)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_mole_parity_tp_sp_pp(case):
-    per_rank = run_distributed(_run, 4, case, timeout=600)
+def test_mole_parity_tp_sp_pp(launch, case):
+    per_rank = [r[case] for r in launch]
     res = per_rank[0]
     print(case, {str(l): v for l, v in zip(LAYOUTS, res["losses"])})
     ref = res["losses"][0]
