@@ -5,9 +5,10 @@ One launch runs several jobs through the real entry point (``megatron_mole.cli.m
 - A: 4 steps at TP1 x DP2 (distributed optimizer, adapter dropout, packing), saving at steps 2 and 4;
 - B: resumes A's step 2 at the same layout: steps 3-4 must give A's losses bit for bit (the
   optimizer shards, scheduler, data position and dropout RNG all matter: dropout is on);
-- C/D: resume A's step 2 without dropout at TP2 x DP1 (C) and at A's layout (D), one step: the
-  adapters load at another layout, so C's step-3 loss equals D's (the optimizer is rebuilt in C,
-  which says so, and restored in D; a step's loss is computed before its update);
+- C/P/D: resume A's step 2 without dropout at TP2 x DP1 (C), PP2 x DP1 (P) and at A's layout (D),
+  one step: the adapters load at another layout, so C's and P's step-3 losses equal D's (the
+  optimizer is rebuilt in C and P, which say so, and restored in D; a step's loss is computed
+  before its update). (EP joins once the MoLE layers dispatch across expert-parallel ranks.)
 - E: ``--strict`` refuses the data's bad lines (exit status 2); A reports them, with line numbers.
 
 A separate job kills the process in the middle of its second checkpoint save: the first one stays
@@ -65,8 +66,8 @@ def _jobs(work):
                       "--log-jsonl", str(work / "A.jsonl")])}
     out["B"] = main(["train", "--config", cfg, "--load", str(work / "A"), "--load-step", "2",
                      "--save", str(work / "B"), "--log-jsonl", str(work / "B.jsonl")])
-    for name, tp in (("C", 2), ("D", 1)):
-        result = train(load_train_config(cfg, [f"parallel.tp={tp}", "mole.dropout=0.0"], {
+    for name, layout in (("C", ["parallel.tp=2"]), ("P", ["parallel.pp=2"]), ("D", [])):
+        result = train(load_train_config(cfg, layout + ["mole.dropout=0.0"], {
             "checkpoint.load_dir": str(work / "A"), "checkpoint.load_step": 2, "schedule.max_steps": 3}))
         out[name] = {"loss": result.records[0]["loss"], "start": result.start_step,
                      "rebuilt": result.optimizer_rebuilt, "record": result.records[0],
@@ -83,10 +84,12 @@ def test_resume_exact_and_at_another_layout(work, capfd):
     assert [b[3], b[4]] == [a[3], a[4]]  # bit for bit
     assert a[4] < a[1]
 
-    c, d = rank0["C"], rank0["D"]
-    assert c["start"] == d["start"] == 2
-    assert c["rebuilt"] and not d["rebuilt"]
+    c, p, d = rank0["C"], rank0["P"], rank0["D"]
+    assert c["start"] == p["start"] == d["start"] == 2
+    assert c["rebuilt"] and p["rebuilt"] and not d["rebuilt"]
     assert c["loss"] == pytest.approx(d["loss"], rel=1e-5)
+    assert p["loss"] == pytest.approx(d["loss"], rel=1e-5)
+    assert p["record"]["expert_load"].keys() == d["record"]["expert_load"].keys()  # both stages reported
     record = d["record"]
     assert record["domain_loss"] and set(record["domain_loss"]) <= {"arithmetic", "capitalize", "reverse", "translate"}
     for layer in ("decoder.layers.0.mlp", "decoder.layers.1.mlp"):

@@ -174,6 +174,11 @@ def run(args) -> int:
     if args.max_steps < 1 or args.save_interval < 0:
         raise SystemExit(f"quickstart: --max-steps must be >= 1 and --save-interval >= 0, got "
                          f"{args.max_steps} and {args.save_interval}")
+    import torch
+
+    # One thread: two training ranks share the machine with this process, and oversubscribed
+    # intra-op threads on a loaded 2-core box made the base's pretraining 40x slower.
+    torch.set_num_threads(1)
     start = time.perf_counter()
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,29 @@
+"""`megatron-mole quickstart` end to end, as the README runs it (a subprocess; it launches its own 2 ranks),
+shortened to 2 training steps."""
+import json
+import subprocess
+import sys
+
+from megatron_mole.training import ckpt_io
+from megatron_mole.training.train_config import load_train_config
+
+
+def test_quickstart_runs_end_to_end(tmp_path):
+    work = tmp_path / "qs"
+    completed = subprocess.run(
+        [sys.executable, "-m", "megatron_mole", "quickstart", "--work-dir", str(work), "--max-steps", "2",
+         "--save-interval", "1"], capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+    cfg = load_train_config(work / "config.yaml")
+    assert cfg.mole["top_k"] == 1 and cfg.mole["expert_scope"] == "mlp"
+    records = [json.loads(line) for line in (work / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["loss"] > 0 and r["expert_load"] for r in records)
+    assert ckpt_io.latest_step(work / "checkpoints") == 2
+    assert ckpt_io.list_steps(work / "checkpoints") == [1, 2]  # keep_last 2
+    lines = (work / "data" / "train.jsonl").read_text().splitlines()
+    assert len(lines) == 4 * 256 and {json.loads(line)["domain"] for line in lines} == {
+        "arithmetic", "reverse", "translate", "capitalize"}
+    assert "quickstart: done" in completed.stdout
+    assert ("skipping export" in completed.stdout) or (work / "hf_adapter").is_dir()
