@@ -181,7 +181,6 @@ class MoLEMLP(AdapterWrapper):
         # block-0 rows -> token order, once
         return out_TH.index_select(0, plan.row_of_KT[0])
 
-
     def expert_side_mixture(self, x_TH, routing):
         """Expert parallelism: every (token, slot) row runs its whole expert MLP on
         the expert's rank, row_out = g W2 h + p s B2 A2 h with
