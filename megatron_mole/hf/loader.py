@@ -73,6 +73,7 @@ def _linear(model, name):
 
 
 def _replace(model, name, module):
+    module.train(model.training)  # a model put in eval mode before loading stays there (dropout off)
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
