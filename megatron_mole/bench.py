@@ -9,7 +9,7 @@ import importlib.util
 
 BENCHMARKS = {
     "layer": ("megatron_mole.layers.bench", "MLP fwd+bwd cost: frozen base, LoRA, MoLE, naive loop"),
-    "dispatch": ("megatron_mole.dispatch.bench", "expert-parallel dispatch cost on gloo"),
+    "dispatch": ("megatron_mole.layers.bench_dispatch", "expert-parallel vs replicated experts: bytes and step time"),
 }
 
 

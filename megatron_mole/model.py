@@ -171,12 +171,12 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
     for wrapper, gpath in wrappers:
         wrapper.adapter_prefix = gpath
         wrapper.init_adapters(cfg.seed)
-        _mark_tensor_parallel(wrapper)
+        mark_parallel_attributes(wrapper)
     model.mole_config = cfg
     return model
 
 
-def _mark_tensor_parallel(wrapper: AdapterWrapper) -> None:
+def mark_parallel_attributes(wrapper: AdapterWrapper) -> None:
     """TP-split adapter params carry Megatron's tensor-parallel attributes so
     grad-norm clipping counts them on every TP rank (replicated ones once);
     expert-parallel ones Megatron's ``allreduce=False``, so its DDP reduces them

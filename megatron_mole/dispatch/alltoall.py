@@ -50,12 +50,18 @@ class _AllToAll(torch.autograd.Function):
         return _all_to_all(dy.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
 
 
+# Bytes this process sent to other ranks through all_to_all (benchmarks read it).
+TRAFFIC = {"bytes": 0}
+
+
 def _all_to_all(x, out_splits: List[int], in_splits: List[int], group):
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
     if dist.get_world_size(group) == 1:
         out.copy_(x)
         return out
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    remote_rows = sum(in_splits) - in_splits[dist.get_rank(group)]
+    TRAFFIC["bytes"] += remote_rows * (x.numel() // max(x.shape[0], 1)) * x.element_size()
     return out
 
 
