@@ -2,13 +2,14 @@
 
 One launch runs several jobs through the real entry point (``megatron_mole.cli.main``):
 
-- A: 4 steps at TP1 x DP2 (distributed optimizer, adapter dropout, packing), saving at steps 2 and 4;
+- A: 4 steps at EP2 x DP2 (LoRA experts sharded over the two ranks, all-to-all dispatch; Megatron's
+  distributed optimizer, adapter dropout, packing), saving at steps 2 and 4;
 - B: resumes A's step 2 at the same layout: steps 3-4 must give A's losses bit for bit (the
   optimizer shards, scheduler, data position and dropout RNG all matter: dropout is on);
-- C/P/D: resume A's step 2 without dropout at TP2 x DP1 (C), PP2 x DP1 (P) and at A's layout (D),
-  one step: the adapters load at another layout, so C's and P's step-3 losses equal D's (the
-  optimizer is rebuilt in C and P, which say so, and restored in D; a step's loss is computed
-  before its update). (EP joins once the MoLE layers dispatch across expert-parallel ranks.)
+- C/P/Q/D: resume A's step 2 without dropout at TP2 (C), PP2 (P), EP1 (Q) and at A's layout (D),
+  one step: the adapters load at another layout, so C's, P's and Q's step-3 losses equal D's (the
+  optimizer is rebuilt in C, P and Q, which say so, and restored in D; a step's loss is computed
+  before its update);
 - E: ``--strict`` refuses the data's bad lines (exit status 2); A reports them, with line numbers.
 
 A separate job kills the process in the middle of its second checkpoint save: the first one stays
@@ -39,9 +40,9 @@ def work(tmp_path_factory):
     (work / "data" / "bad.jsonl").write_text("\n".join(lines) + "\n")
     config = {
         "base": {"checkpoint": str(work / "mcore"), "tokenizer": str(hf_dir)},
-        "parallel": {"tp": 1, "pp": 1, "ep": 1, "micro_batch": 1, "global_batch": 4},
+        "parallel": {"tp": 1, "pp": 1, "ep": 2, "micro_batch": 1, "global_batch": 4},
         "mole": {"num_experts": 4, "rank": 4, "alpha": 8, "top_k": 1, "dropout": 0.1, "expert_scope": "mlp",
-                 "targets": ["linear_fc1", "linear_fc2", "linear_qkv"]},
+                 "targets": ["linear_fc1", "linear_fc2", "linear_qkv"], "dispatch": "alltoall"},
         "optimizer": {"lr": 1.0e-2, "clip_grad": 1.0, "distributed": True},
         "schedule": {"max_steps": 4, "warmup_steps": 1, "decay_style": "cosine"},
         "data": {"paths": [str(work / "data" / "bad.jsonl")], "seq_length": 32, "packing": True},
@@ -66,7 +67,8 @@ def _jobs(work):
                       "--log-jsonl", str(work / "A.jsonl")])}
     out["B"] = main(["train", "--config", cfg, "--load", str(work / "A"), "--load-step", "2",
                      "--save", str(work / "B"), "--log-jsonl", str(work / "B.jsonl")])
-    for name, layout in (("C", ["parallel.tp=2"]), ("P", ["parallel.pp=2"]), ("D", [])):
+    for name, layout in (("C", ["parallel.tp=2", "parallel.ep=1"]), ("P", ["parallel.pp=2", "parallel.ep=1"]),
+                         ("Q", ["parallel.ep=1"]), ("D", [])):
         result = train(load_train_config(cfg, layout + ["mole.dropout=0.0"], {
             "checkpoint.load_dir": str(work / "A"), "checkpoint.load_step": 2, "schedule.max_steps": 3}))
         out[name] = {"loss": result.records[0]["loss"], "start": result.start_step,
@@ -84,11 +86,12 @@ def test_resume_exact_and_at_another_layout(work, capfd):
     assert [b[3], b[4]] == [a[3], a[4]]  # bit for bit
     assert a[4] < a[1]
 
-    c, p, d = rank0["C"], rank0["P"], rank0["D"]
-    assert c["start"] == p["start"] == d["start"] == 2
-    assert c["rebuilt"] and p["rebuilt"] and not d["rebuilt"]
-    assert c["loss"] == pytest.approx(d["loss"], rel=1e-5)
-    assert p["loss"] == pytest.approx(d["loss"], rel=1e-5)
+    d = rank0["D"]
+    assert d["start"] == 2 and not d["rebuilt"]
+    for other in ("C", "P", "Q"):
+        assert rank0[other]["start"] == 2 and rank0[other]["rebuilt"]
+        assert rank0[other]["loss"] == pytest.approx(d["loss"], rel=1e-5), other
+    p = rank0["P"]
     assert p["record"]["expert_load"].keys() == d["record"]["expert_load"].keys()  # both stages reported
     record = d["record"]
     assert record["domain_loss"] and set(record["domain_loss"]) <= {"arithmetic", "capitalize", "reverse", "translate"}
@@ -98,7 +101,7 @@ def test_resume_exact_and_at_another_layout(work, capfd):
     assert record["grad_norm"] > 0 and record["lr"] > 0 and record["tokens_per_s"] > 0
 
     path = str(work / "data" / "bad.jsonl")
-    assert [line.split(": ")[0] for line in c["bad"]] == [f"{path}:{n}" for n in sorted(BAD_LINES)]
+    assert [line.split(": ")[0] for line in rank0["C"]["bad"]] == [f"{path}:{n}" for n in sorted(BAD_LINES)]
     assert rank0["E"] == 2 and rank1["E"] == 2
     captured = capfd.readouterr()
     assert f"{path}:3: invalid JSON" in captured.out + captured.err
@@ -118,6 +121,7 @@ def _killed_save(work, save_dir):
 
     ckpt_io._commit = die_on_second
     main(["train", "--config", str(Path(work) / "config.yaml"), "--set", "parallel.global_batch=2",
+          "--set", "parallel.ep=1",
           "--max-steps", "3", "--save", save_dir, "--save-interval", "1"])
 
 

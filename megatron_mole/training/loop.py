@@ -158,6 +158,18 @@ def load_optimizer_state(optimizer, state: list):
                         param.copy_(value)
 
 
+def _base_overrides(cfg: TrainConfig) -> dict:
+    """TransformerConfig overrides for ``load_model``: sequence parallelism as configured; a dense base
+    is built with expert-parallel size 1 whatever ``parallel.ep`` (Megatron refuses EP without MoE
+    layers; the EP group then only shards the LoRA experts)."""
+    from megatron_mole.checkpoint.mcore import read_spec
+
+    overrides = {"sequence_parallel": True} if cfg.parallel.sequence_parallel else {}
+    if not read_spec(cfg.base.checkpoint)["transformer"].get("num_moe_experts"):
+        overrides.update(expert_model_parallel_size=1, expert_tensor_parallel_size=1)
+    return overrides
+
+
 def restore_tensor_parallel_attributes(model) -> int:
     """Give Column/RowParallelLinear weights the tensor-parallel attributes Megatron sets only while it
     initialises them (``partition_dim``, ``partition_stride``): ``load_model`` builds with
@@ -208,8 +220,7 @@ class Trainer:
                                         seed=cfg.data_seed, packing=cfg.data.packing, dp_rank=self.dp_rank,
                                         dp_size=self.dp)
 
-        overrides = {"sequence_parallel": True} if cfg.parallel.sequence_parallel else None
-        model = load_model(cfg.base.checkpoint, params_dtype=self.dtype, config_overrides=overrides,
+        model = load_model(cfg.base.checkpoint, params_dtype=self.dtype, config_overrides=_base_overrides(cfg),
                            device=self.device)
         restore_tensor_parallel_attributes(model)
         self.mole_config = mm.MoLEConfig(**cfg.mole)

@@ -11,7 +11,8 @@ itself:
 3. ``DIR/mcore/``: the base converted by ``megatron-mole convert hf-to-mcore``
    (a subprocess);
 4. ``DIR/config.yaml`` and training: LLaVA-MoLE style adapters (one top-1 router per
-   MLP, 4 LoRA experts on fc1/fc2, plain LoRA on attention) trained by
+   MLP, 4 LoRA experts on fc1/fc2, plain LoRA on attention) at EP=2 (each rank holds 2
+   experts of every MLP; tokens reach them by all-to-all) trained by
    ``torchrun --nproc-per-node 2 -m megatron_mole train`` (``torch.distributed.run``
    in a subprocess, one thread per rank), logging to ``DIR/train.jsonl`` and saving to
    ``DIR/checkpoints/``;
@@ -31,8 +32,8 @@ import time
 from pathlib import Path
 
 NPROC = 2
-# The quickstart's layout (2 processes). EP=2 once the MoLE layers use the all-to-all dispatcher.
-LAYOUT = {"tp": 1, "pp": 1, "ep": 1}
+# The quickstart's layout on its 2 processes: the 4 LoRA experts of each MLP sharded 2 per rank.
+LAYOUT = {"tp": 1, "pp": 1, "ep": 2}
 BASE = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 256}
 EXAMPLES_PER_DOMAIN = 256
@@ -92,7 +93,7 @@ def train_config(work_dir: Path, max_steps: int, save_interval: int, seed: int =
         "parallel": dict(LAYOUT, micro_batch=4, global_batch=16),
         "mole": {"num_experts": 4, "rank": 8, "alpha": 16, "top_k": 1, "expert_scope": "mlp",
                  "targets": ["linear_fc1", "linear_fc2", "linear_qkv", "linear_proj"],
-                 "aux_loss_coeff": 0.01, "seed": seed},
+                 "aux_loss_coeff": 0.01, "dispatch": "alltoall", "seed": seed},
         "optimizer": {"lr": 3.0e-3, "clip_grad": 1.0, "distributed": True},
         "schedule": {"max_steps": max_steps, "warmup_steps": min(10, max_steps), "decay_style": "cosine"},
         "data": {"paths": [str(work_dir / "data" / "train.jsonl")], "seq_length": 64, "packing": True},
