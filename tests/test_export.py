@@ -7,7 +7,7 @@ locally (tests/test_convert.py's ``make_hf_model``); adapters have random (non-z
 so that they change the logits.
 
 One spawned process builds everything and checks TP1; one 2-process launch runs
-``verify --adapter`` at TP2 and PP2. Hugging Face-side checks run in the pytest process.
+``verify --adapter`` at TP2, PP2 and (MoE base) EP2. Hugging Face-side checks run in the pytest process.
 """
 import argparse
 import json
@@ -32,12 +32,16 @@ CASES = {
                                                           targets=["linear_qkv", "linear_fc2"])),
     # an MoE base: routed attention LoRA (MoE experts are not "mole" targets)
     "mixtral_attention": ("mixtral", dict(expert_scope="linear", top_k=1, targets=["linear_qkv", "linear_proj"])),
+    # Qwen2-MoE: routed LoRA on attention and on the shared expert (fused fc1 -> gate/up_proj)
+    "qwen2_moe_linear": ("qwen2_moe_sharded", dict(expert_scope="linear", top_k=2, targets=ALL)),
     # plain LoRA: one expert in the MLP scope (routers of one expert), and attention only
     "one_expert": ("llama", dict(expert_scope="mlp", num_experts=1, top_k=1, targets=ALL)),
     "attention_lora": ("llama", dict(expert_scope="mlp", targets=["linear_qkv", "linear_proj"], layers=[1])),
 }
 PLAIN_LORA = ("one_expert", "attention_lora")
-MULTI_LAYOUT = ("mlp_top1", "mlp_top2", "linear_top1", "linear_top2")
+# (case, tp, pp, ep) for the 2-process launch (plus linear_top2 at TP2 through the CLI)
+MULTI_LAYOUT = [("mlp_top1", 2, 1, 1), ("mlp_top2", 1, 2, 1), ("linear_top1", 1, 2, 1),
+                ("qwen2_moe_linear", 1, 1, 2), ("mixtral_attention", 1, 2, 1)]
 
 
 def _cfg(fields):
@@ -218,15 +222,15 @@ def test_generate_with_the_adapter(built):
         assert torch.equal(full, greedy[0, 5:])
 
 
-def _layouts(root, cases):
+def _layouts(root, layouts):
     from megatron_mole.checkpoint import verify
 
     out = {}
-    for case in cases:
+    for case, tp, pp, ep in layouts:
         base = CASES[case][0]
-        for tp, pp in ((2, 1), (1, 2)):
-            out[(case, tp, pp)] = verify.max_logits_difference(
-                f"{root}/{base}/hf", f"{root}/{base}/mcore", tp=tp, pp=pp, seq=16, adapter=f"{root}/{case}/adapter")
+        out[(case, tp, pp, ep)] = verify.max_logits_difference(
+            f"{root}/{base}/hf", f"{root}/{base}/mcore", tp=tp, pp=pp, ep=ep, seq=16,
+            adapter=f"{root}/{case}/adapter")
     parser = argparse.ArgumentParser()
     verify.add_arguments(parser)
     out["cli"] = verify.run(parser.parse_args(["--hf", f"{root}/llama/hf", "--mcore", f"{root}/llama/mcore",
@@ -235,9 +239,9 @@ def _layouts(root, cases):
     return out
 
 
-def test_verify_adapter_at_tp2_and_pp2(built):
+def test_verify_adapter_at_tp2_pp2_ep2(built):
     root, _ = built
-    results = run_distributed(_layouts, 2, root, list(MULTI_LAYOUT), timeout=600)
+    results = run_distributed(_layouts, 2, root, MULTI_LAYOUT, timeout=600)
     for key, value in results[0].items():
         if key == "cli":
             assert value == 0
