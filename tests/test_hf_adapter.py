@@ -29,7 +29,7 @@ def _model(seed=0, **overrides):
     return LlamaForCausalLM(config).eval()
 
 
-def _megatron_sd(seed=1):
+def _megatron_sd(seed=1, experts=E):
     """Random MLP-scope adapter (fc1 and fc2 experts, a router per MLP) and LoRA on qkv."""
     g = torch.Generator().manual_seed(seed)
 
@@ -39,26 +39,28 @@ def _megatron_sd(seed=1):
     sd = {}
     for layer in range(2):
         mlp, qkv = f"decoder.layers.{layer}.mlp", f"decoder.layers.{layer}.self_attention.linear_qkv"
-        sd[f"{mlp}.mole.router.weight"] = rnd(E, 64)
-        sd[f"{mlp}.linear_fc1.mole.lora_a"], sd[f"{mlp}.linear_fc1.mole.lora_b"] = rnd(E, R, 64), rnd(E, 192, R)
-        sd[f"{mlp}.linear_fc2.mole.lora_a"], sd[f"{mlp}.linear_fc2.mole.lora_b"] = rnd(E, R, 96), rnd(E, 64, R)
+        sd[f"{mlp}.mole.router.weight"] = rnd(experts, 64)
+        sd[f"{mlp}.linear_fc1.mole.lora_a"] = rnd(experts, R, 64)
+        sd[f"{mlp}.linear_fc1.mole.lora_b"] = rnd(experts, 192, R)
+        sd[f"{mlp}.linear_fc2.mole.lora_a"] = rnd(experts, R, 96)
+        sd[f"{mlp}.linear_fc2.mole.lora_b"] = rnd(experts, 64, R)
         sd[f"{qkv}.lora.lora_a"], sd[f"{qkv}.lora.lora_b"] = rnd(R, 64), rnd(128, R)
     return sd
 
 
-def _cfg(top_k):
-    return dict(num_experts=E, rank=R, alpha=ALPHA, top_k=top_k, router="topk", router_args={}, method="mole",
+def _cfg(top_k, experts=E):
+    return dict(num_experts=experts, rank=R, alpha=ALPHA, top_k=top_k, router="topk", router_args={}, method="mole",
                 targets=["linear_fc1", "linear_fc2", "linear_qkv"], layers=None, expert_scope="mlp",
                 aux_loss_coeff=0.01, z_loss_coeff=0.0, lora_b_init="random", grouped_mm_backend="loop",
                 dispatch="auto", seed=1, dropout=0.0)
 
 
-def _export(tmp_path, model, sd, top_k, name="adapter"):
+def _export(tmp_path, model, sd, top_k, name="adapter", experts=E):
     from megatron_mole.checkpoint.adapters import export_adapter
     from megatron_mole.checkpoint.spec import spec_from_hf_config
 
     out = str(tmp_path / name)
-    export_adapter(sd, _cfg(top_k), spec_from_hf_config(model.config), out)
+    export_adapter(sd, _cfg(top_k, experts), spec_from_hf_config(model.config), out)
     return out
 
 
@@ -175,3 +177,29 @@ def test_export_refuses_tensors_of_no_module(tmp_path):
     with pytest.raises(CheckpointError, match="no known suffix"):
         _export(tmp_path, _model(), sd, 1)
     assert os.listdir(tmp_path) == []  # nothing left behind
+
+
+def test_one_expert_as_peft_and_merged(tmp_path):
+    """One expert: the MoLE modules, PEFT's LoRA and the merged weights give the same logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from megatron_mole.checkpoint.adapters import merge_into_base
+    from megatron_mole.hf import read_adapter_dir
+    from megatron_mole.hf.peft import write_peft_adapter
+
+    _model().save_pretrained(tmp_path / "base")
+    directory = _export(tmp_path, _model(), _megatron_sd(experts=1), 1, experts=1)
+    config, tensors = read_adapter_dir(directory)
+    write_peft_adapter(str(tmp_path / "peft"), config, tensors)
+    merged = merge_into_base(config, tensors, str(tmp_path / "base"), str(tmp_path / "merged"))
+    assert len(merged) == 2 * 6  # q, k, v, gate, up, down in both layers
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = load_mole_adapter(_model(), directory)(input_ids=ids).logits
+        peft = PeftModel.from_pretrained(_model(), str(tmp_path / "peft")).eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(input_ids=ids).logits
+        base = _model()(input_ids=ids).logits
+    assert (ours - base).abs().max() > 1e-2
+    assert (peft - ours).abs().max() <= 1e-4
+    assert (merged - ours).abs().max() <= 1e-4
