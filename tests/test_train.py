@@ -24,6 +24,8 @@ import yaml
 
 from tests._dist import run_distributed
 
+LAYOUTS = {"C": ["parallel.tp=2", "parallel.ep=1"], "P": ["parallel.pp=2", "parallel.ep=1"],
+           "Q": ["parallel.ep=1"], "D": []}
 BAD_LINES = {3: "{not json", 7: json.dumps({"messages": [{"role": "user", "content": "no domain"}]})}
 
 
@@ -67,13 +69,12 @@ def _jobs(work):
                       "--log-jsonl", str(work / "A.jsonl")])}
     out["B"] = main(["train", "--config", cfg, "--load", str(work / "A"), "--load-step", "2",
                      "--save", str(work / "B"), "--log-jsonl", str(work / "B.jsonl")])
-    for name, layout in (("C", ["parallel.tp=2", "parallel.ep=1"]), ("P", ["parallel.pp=2", "parallel.ep=1"]),
-                         ("Q", ["parallel.ep=1"]), ("D", [])):
+    for name, layout in LAYOUTS.items():
         result = train(load_train_config(cfg, layout + ["mole.dropout=0.0"], {
             "checkpoint.load_dir": str(work / "A"), "checkpoint.load_step": 2, "schedule.max_steps": 3}))
         out[name] = {"loss": result.records[0]["loss"], "start": result.start_step,
                      "rebuilt": result.optimizer_rebuilt, "record": result.records[0],
-                     "bad": [str(b) for b in result.data_report.bad_lines]}
+                     "bad": [str(b) for b in result.data_report.bad_lines], "params": result.adapter_params}
     out["E"] = main(["train", "--config", cfg, "--strict"])
     return out
 
@@ -92,6 +93,16 @@ def test_resume_exact_and_at_another_layout(work, capfd):
         assert rank0[other]["start"] == 2 and rank0[other]["rebuilt"]
         assert rank0[other]["loss"] == pytest.approx(d["loss"], rel=1e-5), other
     p = rank0["P"]
+    # the memory estimate counts exactly the adapter elements each rank holds (EP2, TP2, PP2 stages, EP1)
+    from megatron_mole.training.memory import estimate, shapes_from_hf_config
+    from megatron_mole.training.train_config import load_train_config
+
+    shapes = shapes_from_hf_config(json.loads((work / "hf_base" / "config.json").read_text()))
+    for name, layout in LAYOUTS.items():
+        result = estimate(shapes, load_train_config(work / "config.yaml", layout), world_size=2, dtype_bytes=4)
+        for rank, out in enumerate((rank0, rank1)):
+            stage = "last stage" if name == "P" and rank == 1 else "first stage"
+            assert out[name]["params"] == result[stage]["adapter_param_count"], (name, rank)
     assert p["record"]["expert_load"].keys() == d["record"]["expert_load"].keys()  # both stages reported
     record = d["record"]
     assert record["domain_loss"] and set(record["domain_loss"]) <= {"arithmetic", "capitalize", "reverse", "translate"}

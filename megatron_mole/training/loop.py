@@ -64,6 +64,7 @@ class TrainResult:
     data_report: object = None
     optimizer_rebuilt: bool = False  # resumed at another layout
     last_checkpoint: str | None = None
+    adapter_params: int = 0  # trainable elements on this rank
 
 
 def tokenizer_dir(cfg: TrainConfig) -> str:
@@ -394,10 +395,10 @@ class Trainer:
         cfg, ck = self.cfg, self.cfg.checkpoint
         result = TrainResult(data_report=self.dataset.report)
         self._info(self.dataset.report.summary())
+        result.adapter_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self._info(f"train: world={self.info.world_size} tp={self.info.tp} pp={self.info.pp} ep={self.info.ep} "
                    f"dp={self.dp} device={self.device.type} dtype={str(self.dtype).replace('torch.', '')} "
-                   f"adapter params={sum(p.numel() for p in self.model.parameters() if p.requires_grad)} "
-                   f"(this rank)")
+                   f"adapter params={result.adapter_params} (rank 0)")
         self.resume()
         result.start_step, result.optimizer_rebuilt = self.step, self.optimizer_rebuilt
         self.logger = StepLogger(cfg, rank=self.rank, start_step=self.step, max_steps=cfg.schedule.max_steps)

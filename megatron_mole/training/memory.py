@@ -1,0 +1,216 @@
+"""Expected memory per GPU of a training job, computed from the base's shapes and the training config.
+
+    python -m megatron_mole.training.memory --hf-config BASE/config.json --config job.yaml --world-size 16
+
+Counted per rank, for the first and the last pipeline stage (the largest two):
+
+- **base weights**: embedding (first stage) and output layer (last stage, vocabulary padded
+  to a multiple of 128 x TP as the converter does), attention, dense MLP or MoE experts
+  (split over EP x expert-TP) and norms of ``num_layers / pp`` layers, in the run's dtype
+  (bf16 on GPUs); frozen, so no gradient or optimizer state;
+- **adapters**: exactly the tensors ``apply_mole`` creates on this rank (routers fp32, the
+  rest in the run's dtype; TP splits as layers/parallel.py; LoRA experts split over EP under
+  ``dispatch: alltoall``), their fp32 gradient buffer (Megatron DDP, ``grad_reduce_in_fp32``)
+  and optimizer state (Adam moments, 8 bytes, plus a 4-byte fp32 main copy of bf16 params),
+  sharded over the data-parallel group (expert-data-parallel for sharded experts) by the
+  distributed optimizer;
+- **activations** autograd keeps for one micro-batch in one layer, assuming every input of
+  every linear is kept (an upper bound where a frozen linear's input is shared by no adapter),
+  the unfused attention of Megatron's local spec (one [heads/tp, s, s] probability tensor per
+  layer: no flash attention), times the micro-batches 1F1B holds in flight on the stage
+  (``min(pp - stage, num_microbatches)``); sequence parallelism divides the hidden-sized ones
+  by TP; MoLE adds the expert-sorted copy of the MLP input, its K-row fc1/activation tensors,
+  r-dim LoRA activations and fp32 router logits/probabilities;
+- **logits** on the last stage: the output in the run's dtype plus fp32 for the cross entropy.
+
+Not included (add them from your cluster's experience): the CUDA context, NCCL buffers,
+allocator fragmentation, Megatron's sequence-parallel all-gather buffer. Target names are
+the bare Megatron names (``linear_qkv``, ``linear_proj``, ``linear_fc1``, ``linear_fc2``).
+
+Legend: H hidden, F ffn, L layers, V vocabulary, E experts, r rank, T tokens per micro-batch.
+"""
+import argparse
+import json
+import math
+from dataclasses import dataclass
+
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Shapes:
+    hidden: int
+    ffn: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    base_experts: int = 0  # MoE bases: routed experts per layer (0: dense)
+    expert_ffn: int = 0
+    base_top_k: int = 0
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def shapes_from_hf_config(hf: dict) -> Shapes:
+    """Shapes of a Llama/Mistral/Qwen2 (dense) or Mixtral-style (MoE) ``config.json``."""
+    heads = hf["num_attention_heads"]
+    experts = hf.get("num_local_experts") or hf.get("num_experts") or 0
+    return Shapes(hidden=hf["hidden_size"], ffn=hf["intermediate_size"], layers=hf["num_hidden_layers"],
+                  heads=heads, kv_heads=hf.get("num_key_value_heads") or heads,
+                  head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, vocab=hf["vocab_size"],
+                  tied=bool(hf.get("tie_word_embeddings", False)), base_experts=experts,
+                  expert_ffn=hf.get("moe_intermediate_size") or hf["intermediate_size"] if experts else 0,
+                  base_top_k=hf.get("num_experts_per_tok", 0) if experts else 0)
+
+
+def padded_vocab(vocab: int, tp: int, divisor: int = 128) -> int:
+    return math.ceil(vocab / (divisor * tp)) * divisor * tp
+
+
+def adapter_params_per_layer(shapes: Shapes, mole, tp: int, ep: int) -> dict:
+    """{"dense": n, "router": n, "expert": n} adapter elements of one layer on one rank.
+
+    ``router`` params are fp32; ``expert`` params are sharded over EP (alltoall) and
+    reduce over expert-data-parallel ranks; ``dense`` are the rest.
+    """
+    H, F, r, E = shapes.hidden, shapes.ffn, mole.rank, mole.num_experts
+    unknown = [t for t in mole.targets if t not in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")]
+    if unknown:
+        raise ValueError(f"the memory estimate understands bare target names; got {unknown}")
+    e_local = E // ep if (mole.dispatch == "alltoall" and ep > 1) else E
+    out = {"dense": 0, "router": 0, "expert": 0}
+    # (in features on this rank, out features on this rank, A elements, B elements) per linear
+    linears = {"linear_qkv": (H, (shapes.q_dim + 2 * shapes.kv_dim) // tp, r * H, (shapes.q_dim + 2 * shapes.kv_dim) // tp * r),
+               "linear_proj": (shapes.q_dim // tp, H, r * shapes.q_dim // tp, H * r)}
+    if not shapes.base_experts:  # "mole" does not adapt routed MoE experts (PERFT does)
+        linears.update({"linear_fc1": (H, 2 * F // tp, r * H, 2 * F // tp * r),
+                        "linear_fc2": (F // tp, H, r * F // tp, H * r)})
+    mlp_scope = [t for t in mole.targets if t in ("linear_fc1", "linear_fc2") and t in linears]
+    if mole.expert_scope == "mlp" and mlp_scope:
+        out["router"] += E * H
+    for target in mole.targets:
+        if target not in linears:
+            continue
+        in_local, _, a, b = linears[target]
+        if mole.expert_scope == "mlp" and target in mlp_scope:
+            out["expert" if e_local < E else "dense"] += e_local * (a + b)
+        elif mole.expert_scope == "linear":
+            out["router"] += E * in_local
+            out["expert" if e_local < E else "dense"] += e_local * (a + b)
+        else:  # plain LoRA (attention under expert_scope "mlp")
+            out["dense"] += a + b
+    return out
+
+
+def _layers_of_stage(shapes: Shapes, mole, pp: int, stage: int) -> int:
+    per_stage = shapes.layers // pp
+    if mole.layers is None:
+        return per_stage
+    return sum(1 for i in mole.layers if stage * per_stage <= i < (stage + 1) * per_stage)
+
+
+def estimate(shapes: Shapes, cfg, world_size: int, dtype_bytes: int = 2) -> dict:
+    """{"first stage": {...}, "last stage": {...}} byte counts per rank (see the module docstring)."""
+    from megatron_mole.config import MoLEConfig
+
+    p = cfg.parallel
+    mole = MoLEConfig(**cfg.mole)
+    tp, pp, ep = p.tp, p.pp, p.ep
+    dp = p.data_parallel_size(world_size)
+    etp = tp
+    expert_dp = world_size // (pp * ep * etp)
+    num_micro = p.global_batch // (p.micro_batch * dp)
+    H, F, s, b = shapes.hidden, shapes.ffn, cfg.data.seq_length, p.micro_batch
+    T, d, sp = s * b, dtype_bytes, (p.sequence_parallel or (shapes.base_experts and tp > 1))
+    hid = H / tp if sp else H
+    opt_div = dp if cfg.optimizer.distributed else 1
+    exp_div = expert_dp if cfg.optimizer.distributed else 1
+    main_copy = 4 if d < 4 else 0
+
+    # per-layer quantities
+    attn_w = H * (shapes.q_dim + 2 * shapes.kv_dim) // tp + shapes.q_dim * H // tp + 2 * H
+    if shapes.base_experts:
+        mlp_w = shapes.base_experts * 3 * H * shapes.expert_ffn // (ep * etp) + shapes.base_experts * H
+    else:
+        mlp_w = 3 * H * F // tp
+    ad = adapter_params_per_layer(shapes, mole, tp, ep)
+    K, E, r = mole.top_k, mole.num_experts, mole.rank
+    act = d * T * (2 * hid + (shapes.q_dim + 2 * shapes.kv_dim + 2 * shapes.q_dim + shapes.q_dim) / tp)
+    act += d * b * (shapes.heads / tp) * s * s
+    act += d * T * 2 * hid
+    if shapes.base_experts:
+        k = shapes.base_top_k
+        act += d * T * k * (H + 3 * shapes.expert_ffn / etp) + 4 * T * shapes.base_experts * 2
+    elif mole.expert_scope == "mlp" and any(t in mole.targets for t in ("linear_fc1", "linear_fc2")):
+        act += d * T * K * (H + 3 * F / tp + 4 * r) + 4 * T * E * 2
+    else:
+        act += d * T * 3 * F / tp
+    lora_linears = sum(t in mole.targets for t in ("linear_qkv", "linear_proj"))
+    act += d * T * 2 * r * lora_linears * (K if mole.expert_scope == "linear" else 1)
+
+    vocab = padded_vocab(shapes.vocab, tp)
+    out = {}
+    for name, stage in (("first stage", 0), ("last stage", pp - 1)):
+        layers = shapes.layers // pp
+        adapted = _layers_of_stage(shapes, mole, pp, stage)
+        base = layers * (attn_w + mlp_w)
+        if stage == 0:
+            base += vocab * H // tp
+        if stage == pp - 1:
+            base += H + (0 if shapes.tied and pp == 1 else vocab * H // tp)
+        dense, router, expert = (adapted * ad[k] for k in ("dense", "router", "expert"))
+        in_flight = min(pp - stage, num_micro)
+        entry = {
+            "base_weights": base * d,
+            "adapter_params": (dense + expert) * d + router * 4,
+            "adapter_grads": (dense + expert + router) * 4,
+            "optimizer_states": (dense * (8 + main_copy) + router * 8) / opt_div + expert * (8 + main_copy) / exp_div,
+            "activations": layers * act * in_flight,
+            "logits": (d + 4) * T * vocab / tp if stage == pp - 1 else 0,
+            "adapter_param_count": dense + router + expert,
+        }
+        entry["total"] = sum(v for k, v in entry.items() if k != "adapter_param_count")
+        out[name] = entry
+    out["layout"] = {"world_size": world_size, "tp": tp, "pp": pp, "ep": ep, "dp": dp, "expert_dp": expert_dp,
+                     "micro_batches": num_micro, "sequence_parallel": bool(sp), "dtype_bytes": d}
+    return out
+
+
+def format_estimate(result: dict) -> str:
+    layout = result["layout"]
+    lines = ["layout: " + ", ".join(f"{k}={v}" for k, v in layout.items())]
+    for name in ("first stage", "last stage"):
+        entry = result[name]
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in entry.items() if k not in ("total", "adapter_param_count"))
+        lines.append(f"{name}: {entry['total'] / GIB:.1f} GiB per GPU ({parts} GiB; "
+                     f"{entry['adapter_param_count'] / 1e6:.1f}M adapter params on the rank)")
+    lines.append("not included: CUDA context, NCCL buffers, allocator fragmentation")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from megatron_mole.training.train_config import load_train_config
+
+    parser = argparse.ArgumentParser(prog="python -m megatron_mole.training.memory", description=__doc__.splitlines()[0])
+    parser.add_argument("--hf-config", required=True, help="the base's Hugging Face config.json")
+    parser.add_argument("--config", required=True, help="training YAML")
+    parser.add_argument("--world-size", type=int, required=True, help="nodes x GPUs per node")
+    parser.add_argument("--dtype-bytes", type=int, default=2, help="2 for bf16 (GPUs), 4 for fp32")
+    args = parser.parse_args(argv)
+    with open(args.hf_config, encoding="utf-8") as handle:
+        shapes = shapes_from_hf_config(json.load(handle))
+    print(format_estimate(estimate(shapes, load_train_config(args.config), args.world_size, args.dtype_bytes)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
