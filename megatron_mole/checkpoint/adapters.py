@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Dict, List, Optional, Tuple
@@ -184,8 +185,6 @@ def hf_to_megatron(tensors: Dict[str, torch.Tensor], groups: List[dict], shapes:
 
 # ---------------------------------------------------------------- export / import
 def _layer_ids(groups) -> List[int]:
-    import re
-
     return sorted({int(m.group(1)) for g in groups for m in [re.search(r"layers\.(\d+)\.", g["megatron"] + ".")]
                    if m})
 

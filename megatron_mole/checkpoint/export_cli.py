@@ -51,6 +51,8 @@ def read_source(path: str, step=None):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     if os.path.exists(os.path.join(path, SAVED_CONFIG)):
+        if step is not None:
+            raise ValueError(f"--step {step}: {path} is a saved adapter, not a training checkpoint with steps")
         return load_saved_adapter(path)
     root, name = os.path.split(os.path.abspath(path))
     if os.path.exists(os.path.join(path, ckpt_io.MANIFEST)) and name.startswith("step_"):
