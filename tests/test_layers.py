@@ -218,3 +218,24 @@ def test_one_expert_mlp_scope_equals_peft_lora_on_fc1_and_fc2():
         assert (y - y_peft).abs().max() <= 1e-6
     finally:
         torch.set_default_dtype(torch.float64)
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_bf16_model_keeps_dtypes_and_routes_in_fp32(K):
+    """A bf16 base: activations and adapter grads stay bf16, the router fp32,
+    and the output follows the fp32 computation within bf16 precision."""
+    outs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        base = _MLP(16, 24, True, F.silu).to(dtype)
+        cfg = MoLEConfig(num_experts=4, top_k=K, rank=4, lora_b_init="random")
+        layer = MoLEMLP(base, cfg)
+        layer.init_adapters(cfg.seed)
+        torch.nn.init.normal_(layer.router.weight, generator=torch.Generator().manual_seed(1))
+        x = torch.randn(8, 2, 16, generator=torch.Generator().manual_seed(2)).to(dtype)
+        y, _ = layer(x.requires_grad_())
+        y.float().sum().backward()
+        assert y.dtype == dtype and x.grad.dtype == dtype and layer.fc1.lora_a.grad.dtype == dtype
+        assert layer.router.weight.dtype == torch.float32 == layer.router.weight.grad.dtype
+        outs[dtype] = y.detach().double()
+    torch.testing.assert_close(outs[torch.bfloat16], outs[torch.float32], rtol=3e-2, atol=3e-2)
