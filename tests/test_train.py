@@ -10,7 +10,8 @@ One launch runs several jobs through the real entry point (``megatron_mole.cli.m
   one step: the adapters load at another layout, so C's, P's and Q's step-3 losses equal D's (the
   optimizer is rebuilt in C, P and Q, which say so, and restored in D; a step's loss is computed
   before its update);
-- E: ``--strict`` refuses the data's bad lines (exit status 2); A reports them, with line numbers.
+- E: ``--strict`` refuses the data's bad lines (exit status 2); A reports them, with line numbers;
+- F: a fresh run saving into A's directory (which holds step 4) is refused before training.
 
 A separate job kills the process in the middle of its second checkpoint save: the first one stays
 loadable and ``latest`` still names it.
@@ -76,6 +77,7 @@ def _jobs(work):
                      "rebuilt": result.optimizer_rebuilt, "record": result.records[0],
                      "bad": [str(b) for b in result.data_report.bad_lines], "params": result.adapter_params}
     out["E"] = main(["train", "--config", cfg, "--strict"])
+    out["F"] = main(["train", "--config", cfg, "--save", str(work / "A")])  # A holds step 4: refused
     return out
 
 
@@ -113,10 +115,11 @@ def test_resume_exact_and_at_another_layout(work, capfd):
 
     path = str(work / "data" / "bad.jsonl")
     assert [line.split(": ")[0] for line in rank0["C"]["bad"]] == [f"{path}:{n}" for n in sorted(BAD_LINES)]
-    assert rank0["E"] == 2 and rank1["E"] == 2
+    assert rank0["E"] == rank1["E"] == rank0["F"] == rank1["F"] == 2
     captured = capfd.readouterr()
     assert f"{path}:3: invalid JSON" in captured.out + captured.err
     assert "optimizer state rebuilt" in captured.out
+    assert f"{work / 'A'} already holds step_4, beyond this run's start (step 0)" in captured.err
 
 
 def _killed_save(work, save_dir):

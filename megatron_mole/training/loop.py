@@ -400,6 +400,11 @@ class Trainer:
                    f"dp={self.dp} device={self.device.type} dtype={str(self.dtype).replace('torch.', '')} "
                    f"adapter params={result.adapter_params} (rank 0)")
         self.resume()
+        latest = ckpt_io.latest_step(ck.save_dir) if ck.save_dir else None
+        if latest is not None and latest > self.step:
+            raise ckpt_io.CheckpointError(
+                f"checkpoint.save_dir {ck.save_dir} already holds step_{latest}, beyond this run's start (step "
+                f"{self.step}); save elsewhere (--save DIR) or resume from it (--load {ck.save_dir})")
         result.start_step, result.optimizer_rebuilt = self.step, self.optimizer_rebuilt
         self.logger = StepLogger(cfg, rank=self.rank, start_step=self.step, max_steps=cfg.schedule.max_steps)
         try:
