@@ -129,9 +129,36 @@ def build_gpt_model(
         vp_stage=vp_stage,
         **gpt,
     )
+    restore_tensor_parallel_attributes(model)
     if not on_cpu:
         model.to(device)
     return model
+
+
+def restore_tensor_parallel_attributes(model) -> int:
+    """Give Column/RowParallelLinear weights the tensor-parallel attributes Megatron sets only
+    while it initialises them (``tensor_model_parallel``, ``partition_dim``,
+    ``partition_stride``). Built with ``perform_initialization=False`` they would lack them, and
+    whatever reads them (grad-norm clipping, the adapters' TP placement, which needs stride 2
+    on a gated fc1 whose rank-local rows are [gate_r; up_r]) would be silently wrong.
+    Returns how many weights it marked."""
+    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                      set_tensor_model_parallel_attributes)
+    from megatron.core.transformer.mlp import MLP
+
+    gated_fc1 = {id(m.linear_fc1) for m in model.modules()
+                 if isinstance(m, MLP) and m.config.gated_linear_unit}
+    marked = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or weight is None \
+                or hasattr(weight, "partition_stride"):
+            continue
+        column = isinstance(module, ColumnParallelLinear)
+        stride = 2 if column and id(module) in gated_fc1 else 1
+        set_tensor_model_parallel_attributes(weight, True, 0 if column else 1, stride)
+        marked += 1
+    return marked
 
 
 def single_process_runtime():

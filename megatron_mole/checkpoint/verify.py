@@ -115,27 +115,12 @@ def max_logits_difference(
     return diff.item()
 
 
-def _restore_fc1_stride(chunk) -> None:
-    """Workaround: Megatron sets ``partition_stride`` (2 on a gated fc1, whose TP shard is
-    [gate_r; up_r]) only when it initialises weights, and ``load_model`` builds with
-    ``perform_initialization=False``; without it the adapter placement would shard fc1's
-    LoRA B as if the fc1 rows were split contiguously. To be fixed where the model is built."""
-    from megatron.core.transformer.mlp import MLP
-
-    for module in chunk.modules():
-        if isinstance(module, MLP) and module.config.gated_linear_unit:
-            weight = module.linear_fc1.weight
-            if not hasattr(weight, "partition_stride"):
-                weight.partition_stride = 2
-
-
 def _apply_adapter(chunks, adapter_dir: str) -> None:
     from megatron_mole.checkpoint.adapters import import_adapter
     from megatron_mole.model import apply_mole, load_adapter_state_dict
 
     sd, cfg, _ = import_adapter(adapter_dir)
     for chunk in chunks:
-        _restore_fc1_stride(chunk)
         apply_mole(chunk, cfg)
     load_adapter_state_dict(list(chunks), sd)
 
