@@ -239,3 +239,14 @@ def test_bf16_model_keeps_dtypes_and_routes_in_fp32(K):
         assert layer.router.weight.dtype == torch.float32 == layer.router.weight.grad.dtype
         outs[dtype] = y.detach().double()
     torch.testing.assert_close(outs[torch.bfloat16], outs[torch.float32], rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_empty_batch(K):
+    mlp = MoLEMLP(_MLP(6, 5, True, F.silu), MoLEConfig(num_experts=3, top_k=K, rank=2))
+    lin = MoLELinear(torch.nn.Linear(6, 4), MoLEConfig(num_experts=3, top_k=K, rank=2,
+                                                       expert_scope="linear"))
+    x = torch.randn(0, 2, 6, requires_grad=True)
+    y = mlp(x)[0] + lin(x).sum(-1, keepdim=True)
+    y.sum().backward()
+    assert y.shape == (0, 2, 6) and x.grad.shape == (0, 2, 6)

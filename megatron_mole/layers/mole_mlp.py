@@ -125,7 +125,7 @@ class MoLEMLP(AdapterWrapper):
         routing = self.router(x_TH, mask_T=mask_T)
         AUX_LOSS_TRACKER.record(self.adapter_prefix, routing.stats)
         y_TH = self.mixture(x_TH, routing)
-        out = self.place2.adapter_output(y_TH.view(seq, batch, -1))
+        out = self.place2.adapter_output(y_TH.view(seq, batch, y_TH.shape[-1]))
         fc2 = self.base.linear_fc2
         skip_bias_add = getattr(fc2, "skip_bias_add", False)
         bias = fc2.bias if skip_bias_add else None
@@ -157,7 +157,7 @@ class MoLEMLP(AdapterWrapper):
             x_SH = adapter_dropout(x_SH, cfg.dropout, p1, self.training)
             u1_SR = p1.gate_and_reduce(self.fc1.down(x_SH, counts), p_S * cfg.scaling)
             delta_SF1 = self.fc1.up(u1_SR, counts)
-        if self.fc1 is not None and self.swiglu:
+        if self.fc1 is not None and self.swiglu and T > 0:  # (split(0) refuses an empty batch)
             h_SF, hbar_TF = swiglu_mixture(base1_TF1, delta_SF1, g_S, plan)
         else:  # generic activation: the same math composed by autograd
             base1_SF1 = base1_TF1 if K == 1 else torch.cat([base1_TF1, base1_TF1.index_select(0, rest)])
