@@ -42,7 +42,7 @@ PRETRAIN_STEPS = 120
 
 
 def build_base(work_dir: Path, seed: int = 0, examples_per_domain: int = EXAMPLES_PER_DOMAIN,
-               pretrain_steps: int = PRETRAIN_STEPS) -> Path:
+               pretrain_steps: int = PRETRAIN_STEPS, **base_overrides) -> Path:
     """Data, tokenizer and a tiny Llama (briefly pretrained) in ``work_dir/hf_base``; returns that directory."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -55,7 +55,7 @@ def build_base(work_dir: Path, seed: int = 0, examples_per_domain: int = EXAMPLE
     texts = record_texts(generate_records(examples_per_domain, seed))
     tokenizer = train_tokenizer(texts, hf_dir, vocab_size=VOCAB_SIZE)
     config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **BASE)
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **dict(BASE, **base_overrides))
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     if pretrain_steps:
