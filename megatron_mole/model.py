@@ -39,6 +39,7 @@ from megatron_mole.config import MoLEConfig
 from megatron_mole.layers.base import AdapterWrapper
 from megatron_mole.layers.linear import LoRALinear, MoLELinear
 from megatron_mole.layers.mole_mlp import MoLEMLP
+from megatron_mole.layers.parallel import fc1_stride, placement_for
 
 ATTENTION_LINEARS = ("linear_qkv", "linear_proj")
 MLP_LINEARS = ("linear_fc1", "linear_fc2")
@@ -160,7 +161,8 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
             mlp_parts.setdefault(parent_path, set()).add(name)
             continue
         cls = MoLELinear if cfg.expert_scope == "linear" else LoRALinear
-        wrapper = cls(modules[path], cfg)
+        stride = fc1_stride(parent) if name == "linear_fc1" and isinstance(parent, MLP) else None
+        wrapper = cls(modules[path], cfg, placement_for(modules[path], stride))
         setattr(parent, name, wrapper)
         wrappers.append((wrapper, gpaths[path]))
     for mlp_path, names in mlp_parts.items():

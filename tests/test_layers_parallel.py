@@ -11,7 +11,9 @@ Cases: expert_scope "mlp" at top-2 with B zero-initialised (the adapters
 contribute from step 2 on) and "linear" at top-2 with random B (they
 contribute from step 1), both with adapters on linear_qkv, linear_proj,
 linear_fc1, linear_fc2, 4 experts and non-zero aux/z-loss coefficients.
-Also checked at every layout: base parameters never change and never receive
+At TP2+SP the base weights lose Megatron's ``partition_stride`` attribute (as
+with ``perform_initialization=False``), so the SwiGLU fc1 stride comes from
+the MLP. Also checked at every layout: base parameters never change and never receive
 a gradient; replicated adapter params stay bit-identical over TP ranks;
 adapter_state_dict has the same names; and the adapter saved at TP2+SP loads
 at TP1 and gives the same per-token losses.
@@ -93,6 +95,12 @@ def _run(case):
         model, config = _models.build_gpt(sequence_parallel=layout["sp"])
         _models.seed_full_params(model, seed=3)
         base = [(p, p.detach().clone()) for p in model.parameters()]
+        if layout["sp"]:
+            # as after perform_initialization=False: the adapters' TP placement then
+            # derives the SwiGLU fc1 stride from the MLP instead of the weight
+            for p in model.parameters():
+                if hasattr(p, "partition_stride"):
+                    del p.partition_stride
         mm.apply_mole(model, _cfg(case))
         dp = torch.distributed.get_world_size() // (layout["tp"] * layout["pp"])
         set_aux_loss_scale(dp / GLOBAL_BATCH)  # = 1 / micro-batches per rank, as the main loss

@@ -47,7 +47,7 @@ from megatron_mole.layers.base import AdapterTensor, AdapterWrapper
 from megatron_mole.layers.expert_parallel import build_expert_dispatcher, expert_sharding
 from megatron_mole.layers.linear import adapter_dropout, split_dims
 from megatron_mole.layers.mlp_core import swiglu_mixture
-from megatron_mole.layers.parallel import placement_for
+from megatron_mole.layers.parallel import fc1_stride, placement_for
 from megatron_mole.routing import AUX_LOSS_TRACKER, attach_aux_loss, build_router
 
 
@@ -74,7 +74,7 @@ class MoLEMLP(AdapterWrapper):
         super().__init__()
         self.base, self.cfg = base, cfg
         fc1, fc2 = base.linear_fc1, base.linear_fc2
-        self.place1, self.place2 = placement_for(fc1), placement_for(fc2)
+        self.place1, self.place2 = placement_for(fc1, fc1_stride(base)), placement_for(fc2)
         self.act, self.swiglu = mlp_activation(base.config)
         hidden = fc1.weight.shape[1]
         dtype, device = fc1.weight.dtype, fc1.weight.device

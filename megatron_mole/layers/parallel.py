@@ -73,7 +73,7 @@ class TPPlacement(NoParallel):
     column, in for row); ``stride`` applies to the out dim of column bases.
     """
 
-    def __init__(self, base):
+    def __init__(self, base, stride: Optional[int] = None):
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
         if isinstance(base, ColumnParallelLinear):
@@ -96,7 +96,12 @@ class TPPlacement(NoParallel):
         self.tp_size = self.group.size()
         self.tp_rank = self.group.rank()
         self.sequence_parallel = bool(getattr(base, "sequence_parallel", False))
-        self.stride = int(getattr(base.weight, "partition_stride", 1)) if self.kind == "column" else 1
+        # Megatron sets partition_stride only when it initialises the weight
+        # (not with perform_initialization=False): the caller's stride, derived
+        # from the parent MLP, covers that case.
+        self.stride = 1
+        if self.kind == "column":
+            self.stride = int(getattr(base.weight, "partition_stride", stride or 1))
 
     # -- forward plumbing -------------------------------------------------
     def adapter_input(self, x):
@@ -171,9 +176,18 @@ class TPPlacement(NoParallel):
         return torch.cat([chunks[r][j] for j in range(stride) for r in range(self.tp_size)], dim=dim)
 
 
-def placement_for(base: Optional[torch.nn.Module]):
+def placement_for(base: Optional[torch.nn.Module], stride: Optional[int] = None):
     """NoParallel for a plain ``nn.Linear`` base (single device, Hugging Face
-    modules), else the TP placement of a Megatron parallel linear."""
+    modules), else the TP placement of a Megatron parallel linear. ``stride``:
+    the output-dim partition stride when the weight does not carry it."""
     if base is None or isinstance(base, torch.nn.Linear):
         return NoParallel()
-    return TPPlacement(base)
+    return TPPlacement(base, stride)
+
+
+def fc1_stride(mlp) -> int:
+    """Partition stride of a Megatron MLP's fc1: 2 under a gated linear unit
+    ([gate_shard; up_shard] per rank), as Megatron's MLP builds it."""
+    config = getattr(mlp, "config", None)
+    gated = bool(getattr(config, "gated_linear_unit", False))
+    return 2 if gated and not getattr(config, "use_kitchen", False) else 1
