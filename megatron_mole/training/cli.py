@@ -6,8 +6,9 @@
 
 The YAML schema is ``megatron_mole.training.train_config``; the flags override it
 (``--set`` any entry, e.g. ``--set parallel.ep=2``). A bad config (an unknown key, a
-wrong type, sizes that do not fit the world) or unusable data is reported as one
-line naming the key or the file and line, exit status 2.
+wrong type, sizes that do not fit the world), unusable data, a missing file or a bad
+checkpoint is reported as one line naming the key, the file (and line) or the tensor,
+exit status 2.
 """
 import sys
 
@@ -22,6 +23,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from megatron_mole.checkpoint.hf_io import CheckpointError as BaseCheckpointError
     from megatron_mole.training.ckpt_io import CheckpointError
     from megatron_mole.training.data import DataError
     from megatron_mole.training.train_config import ConfigError, config_from_args
@@ -33,7 +35,7 @@ def run(args) -> int:
         from megatron_mole.training.loop import train
 
         result = train(cfg)
-    except (ConfigError, DataError, CheckpointError) as error:
+    except (ConfigError, DataError, CheckpointError, BaseCheckpointError, OSError) as error:
         print(f"megatron-mole train: error: {error}", file=sys.stderr, flush=True)
         return 2
     if result.records and _is_rank0():

@@ -211,6 +211,7 @@ class Trainer:
         from megatron_mole.checkpoint.mcore import load_model_chunks
 
         self.cfg = cfg
+        self.dataset = build_dataset(cfg)  # first: bad data is reported before Megatron starts
         self.info = _start_runtime(cfg)
         self.rank, self.device = self.info.rank, self.info.device
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -219,7 +220,6 @@ class Trainer:
         self.logger = None
         self.dtype = _precision(cfg, self.device)
 
-        self.dataset = build_dataset(cfg)
         self.loader = GlobalBatchLoader(self.dataset, cfg.parallel.global_batch, weights=cfg.data.domain_weights,
                                         seed=cfg.data_seed, packing=cfg.data.packing, dp_rank=self.dp_rank,
                                         dp_size=self.dp)

@@ -20,6 +20,8 @@ itself:
    of the base with the adapter loaded (when the export command and
    ``megatron_mole.hf.load_mole_adapter`` are installed; otherwise it says so).
 
+Legend (pretraining): N tokens of the corpus, B rows, S sequence length.
+
 Each run starts training afresh: a previous run's ``train.jsonl``, ``checkpoints/``
 and ``hf_adapter/`` are replaced. Everything is a function of ``--seed``.
 """
