@@ -20,7 +20,7 @@ def _yaml(tmp_path, text):
 def test_full_yaml_loads_into_the_dataclass_tree(tmp_path):
     path = _yaml(tmp_path, """\
         base: {checkpoint: work/mcore, tokenizer: work/hf}
-        parallel: {tp: 2, pp: 2, ep: 2, vpp: 2, sequence_parallel: true, micro_batch: 2, global_batch: 16}
+        parallel: {tp: 2, pp: 4, ep: 2, vpp: 2, sequence_parallel: true, micro_batch: 2, global_batch: 16}
         mole: {num_experts: 4, rank: 8, alpha: 16, top_k: 1, targets: [linear_fc1, linear_fc2]}
         optimizer: {lr: 2e-4, weight_decay: 0.01, betas: [0.9, 0.95], clip_grad: 0.5, distributed: false}
         schedule: {max_steps: 50, warmup_steps: 5, decay_style: linear, min_lr: 1e-5}
@@ -56,7 +56,8 @@ def test_defaults_from_a_minimal_config():
     ({"parallel": {"tp": "two"}}, "parallel.tp", "expected int, got 'two'"),
     ({"parallel": {"tp": True}}, "parallel.tp", "expected int, got True"),
     ({"parallel": {"tp": 0}}, "parallel.tp", "must be >= 1, got 0"),
-    ({"parallel": {"vpp": 2}}, "parallel.vpp", "needs pp > 1"),
+    ({"parallel": {"vpp": 2}}, "parallel.vpp", "needs pp > 2"),
+    ({"parallel": {"vpp": 2, "pp": 2}}, "parallel.vpp", "needs pp > 2"),
     ({"parallel": {"micro_batch": 3, "global_batch": 8}}, "parallel.global_batch", "not a multiple of micro_batch=3"),
     ({"parallel": {"sequence_parallel": True}}, "parallel.sequence_parallel", "needs tp > 1"),
     ({"optimizer": {"lr": "fast"}}, "optimizer.lr", "expected a number, got 'fast'"),

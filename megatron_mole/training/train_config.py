@@ -80,7 +80,9 @@ class ParallelConfig:
         for name in ("tp", "pp", "ep", "micro_batch", "global_batch"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _require(self.vpp is None or self.vpp >= 1, "vpp", f"must be >= 1 or null, got {self.vpp}")
-        _require(self.vpp in (None, 1) or self.pp > 1, "vpp", f"vpp={self.vpp} needs pp > 1, got pp={self.pp}")
+        # At pp=2 a rank's previous and next stage are one peer: the interleaved schedule's batched
+        # send/recv of activations and gradients to it get matched crosswise (losses differ from PP2).
+        _require(self.vpp in (None, 1) or self.pp > 2, "vpp", f"vpp={self.vpp} needs pp > 2, got pp={self.pp}")
         _require(self.global_batch % self.micro_batch == 0, "global_batch",
                  f"global_batch={self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
         _require(not self.sequence_parallel or self.tp > 1, "sequence_parallel", "needs tp > 1")
