@@ -1,0 +1,11 @@
+"""Fine-tuning on Megatron-core: ``megatron-mole train`` and ``megatron-mole quickstart``.
+
+- ``train_config``: the YAML schema (dataclasses), command-line overrides;
+- ``data``, ``sampler``: instruction JSONL -> tokenised rows, domain-mixing resumable sampler;
+- ``tokenizer``, ``synthetic``: the quickstart's local BPE tokenizer and multi-domain dataset;
+- ``loop``: the training loop (Megatron DDP, distributed optimizer, scheduler, schedules);
+- ``ckpt_io``: atomic multi-rank checkpoints; ``logging``: progress, JSON lines, router stats;
+- ``cli``, ``quickstart``: the two subcommands; ``memory``: expected memory per GPU of a job.
+
+Nothing is imported here: Megatron-core's import costs seconds.
+"""
