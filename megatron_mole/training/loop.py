@@ -171,29 +171,6 @@ def _base_overrides(cfg: TrainConfig) -> dict:
     return overrides
 
 
-def restore_tensor_parallel_attributes(model) -> int:
-    """Give Column/RowParallelLinear weights the tensor-parallel attributes Megatron sets only while it
-    initialises them (``partition_dim``, ``partition_stride``): ``load_model`` builds with
-    ``perform_initialization=False``, and the adapters' TP placement reads the stride (2 for a gated
-    fc1, whose rank-local rows are [gate_r; up_r]). Returns how many weights it marked."""
-    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
-                                                      set_tensor_model_parallel_attributes)
-    from megatron.core.transformer.mlp import MLP
-
-    gated_fc1 = {id(m.linear_fc1) for m in model.modules() if isinstance(m, MLP) and m.config.gated_linear_unit}
-    marked = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or weight is None \
-                or hasattr(weight, "partition_stride"):
-            continue
-        column = isinstance(module, ColumnParallelLinear)
-        stride = 2 if column and id(module) in gated_fc1 else 1
-        set_tensor_model_parallel_attributes(weight, True, 0 if column else 1, stride)
-        marked += 1
-    return marked
-
-
 class Trainer:
     """One training job in this rank; ``run()`` trains to ``schedule.max_steps``."""
 
@@ -226,7 +203,6 @@ class Trainer:
                                    config_overrides=_base_overrides(cfg), device=self.device)
         self.mole_config = mm.MoLEConfig(**cfg.mole)
         for chunk in chunks:
-            restore_tensor_parallel_attributes(chunk)
             mm.apply_mole(chunk, self.mole_config)
         self.monitor = RouterLoadMonitor(chunks)
         self.sequence_parallel = bool(chunks[0].config.sequence_parallel)
