@@ -18,7 +18,9 @@ Counted per rank, for the first and the last pipeline stage (the largest two):
   every linear is kept (an upper bound where a frozen linear's input is shared by no adapter),
   the unfused attention of Megatron's local spec (one [heads/tp, s, s] probability tensor per
   layer: no flash attention), times the micro-batches 1F1B holds in flight on the stage
-  (``min(pp - stage, num_microbatches)``); sequence parallelism divides the hidden-sized ones
+  (``min(pp - stage, num_microbatches)``; interleaved: Megatron's warm-up count of chunk
+  micro-batches, ``2 (pp - stage - 1) + (vpp - 1) pp + 1``, each ``1/vpp`` of the stage's
+  layers); sequence parallelism divides the hidden-sized ones
   by TP; MoLE adds the expert-sorted copy of the MLP input, its K-row fc1/activation tensors,
   r-dim LoRA activations and fp32 router logits/probabilities;
 - **logits** on the last stage: the output in the run's dtype plus fp32 for the cross entropy.
@@ -168,7 +170,11 @@ def estimate(shapes: Shapes, cfg, world_size: int, dtype_bytes: int = 2) -> dict
         if stage == pp - 1:
             base += H + (0 if shapes.tied and pp == 1 else vocab * H // tp)
         dense, router, expert = (adapted * ad[k] for k in ("dense", "router", "expert"))
-        in_flight = min(pp - stage, num_micro)
+        if p.vpp not in (None, 1):  # interleaved: warm-up micro-batches of one chunk (layers / vpp) each
+            warmup = 2 * (pp - stage - 1) + (p.vpp - 1) * pp
+            in_flight = min(warmup + 1, num_micro * p.vpp) / p.vpp
+        else:
+            in_flight = min(pp - stage, num_micro)
         entry = {
             "base_weights": base * d,
             "adapter_params": (dense + expert) * d + router * 4,
