@@ -203,19 +203,26 @@ def format_estimate(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    from megatron_mole.training.train_config import load_train_config
-
-    parser = argparse.ArgumentParser(prog="python -m megatron_mole.training.memory", description=__doc__.splitlines()[0])
+def add_arguments(parser):
     parser.add_argument("--hf-config", required=True, help="the base's Hugging Face config.json")
     parser.add_argument("--config", required=True, help="training YAML")
     parser.add_argument("--world-size", type=int, required=True, help="nodes x GPUs per node")
     parser.add_argument("--dtype-bytes", type=int, default=2, help="2 for bf16 (GPUs), 4 for fp32")
-    args = parser.parse_args(argv)
+
+
+def run(args) -> int:
+    from megatron_mole.training.train_config import load_train_config
+
     with open(args.hf_config, encoding="utf-8") as handle:
         shapes = shapes_from_hf_config(json.load(handle))
     print(format_estimate(estimate(shapes, load_train_config(args.config), args.world_size, args.dtype_bytes)))
     return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_mole.training.memory", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
