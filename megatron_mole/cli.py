@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "train": ("megatron_mole.training.cli", "fine-tune MoLE adapters (run under torchrun)"),
     "quickstart": ("megatron_mole.training.quickstart", "tiny end-to-end run on CPU: build, convert, train, export"),
     "bench": ("megatron_mole.bench", "benchmarks: layer cost, dispatch cost"),
+    "memory": ("megatron_mole.training.memory", "expected memory per GPU of a training config"),
     "analyze": ("megatron_mole.analysis.cli", "router statistics of a trained adapter"),
 }
 

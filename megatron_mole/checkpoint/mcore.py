@@ -89,11 +89,13 @@ def build_gpt_model(
     if moe and on_cpu:
         # Megatron's alltoall dispatcher does not run on gloo (DESIGN §4); allgather does.
         fields["moe_token_dispatcher_type"] = "allgather"
+    if moe:
+        # A dense base at ep > 1 keeps these at 1 (Megatron refuses EP without MoE layers);
+        # the expert-parallel group then shards only the LoRA experts.
+        fields.update(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
     fields.update(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=etp,
         # Megatron requires sequence parallelism for MoE layers with TP > 1.
         sequence_parallel=moe and tp > 1,
         params_dtype=params_dtype,

@@ -164,15 +164,9 @@ def load_optimizer_state(optimizer, state: list):
 
 
 def _base_overrides(cfg: TrainConfig) -> dict:
-    """TransformerConfig overrides for ``load_model``: sequence parallelism as configured; a dense base
-    is built with expert-parallel size 1 whatever ``parallel.ep`` (Megatron refuses EP without MoE
-    layers; the EP group then only shards the LoRA experts)."""
-    from megatron_mole.checkpoint.mcore import read_spec
-
-    overrides = {"sequence_parallel": True} if cfg.parallel.sequence_parallel else {}
-    if not read_spec(cfg.base.checkpoint)["transformer"].get("num_moe_experts"):
-        overrides.update(expert_model_parallel_size=1, expert_tensor_parallel_size=1)
-    return overrides
+    """TransformerConfig overrides for ``load_model``: sequence parallelism as configured (a dense
+    base at ep > 1 is handled by ``load_model`` itself)."""
+    return {"sequence_parallel": True} if cfg.parallel.sequence_parallel else {}
 
 
 class Trainer:
