@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_mole.training import ckpt_io as C
+from megatron_mole.checkpoint import ckpt_io as C
 
 
 def _shared(step):
@@ -136,7 +136,7 @@ def test_bad_save_arguments_and_overwrite_refused(tmp_path):
 _CHILD = r"""
 import os, shutil, sys, time
 import torch
-from megatron_mole.training import ckpt_io as C
+from megatron_mole.checkpoint import ckpt_io as C
 from tests.test_ckpt_io import _rank, _shared
 
 root, phase, flag = sys.argv[1:4]

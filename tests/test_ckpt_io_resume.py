@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_mole.training import ckpt_io as C
+from megatron_mole.checkpoint import ckpt_io as C
 from megatron_mole.training.data import InstructionDataset, read_jsonl
 from megatron_mole.training.sampler import GlobalBatchLoader
 from megatron_mole.training.synthetic import generate_records, record_texts, write_instruction_dataset

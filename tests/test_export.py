@@ -66,7 +66,7 @@ def tokens():
 
 def _save_training_checkpoint(root, sd, cfg, mcore):
     """What the training loop saves (ckpt_io.training_payloads), without a training run."""
-    from megatron_mole.training import ckpt_io
+    from megatron_mole.checkpoint import ckpt_io
 
     shared, rank_payload = ckpt_io.training_payloads(
         step=3, adapters=sd, optimizer_state={}, scheduler_state={}, sampler_state={},

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from megatron_mole.training import ckpt_io
+from megatron_mole.checkpoint import ckpt_io
 from megatron_mole.training.train_config import load_train_config
 
 

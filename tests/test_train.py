@@ -124,7 +124,7 @@ def test_resume_exact_and_at_another_layout(work, capfd):
 
 def _killed_save(work, save_dir):
     from megatron_mole.cli import main
-    from megatron_mole.training import ckpt_io
+    from megatron_mole.checkpoint import ckpt_io
 
     commit = ckpt_io._commit
 
@@ -140,7 +140,7 @@ def _killed_save(work, save_dir):
 
 
 def test_killed_save_leaves_previous_checkpoint(work, tmp_path):
-    from megatron_mole.training import ckpt_io
+    from megatron_mole.checkpoint import ckpt_io
 
     with pytest.raises(RuntimeError, match="exit codes \\[17\\]"):
         run_distributed(_killed_save, 1, str(work), str(tmp_path), timeout=300)

@@ -1,4 +1,4 @@
-"""Checkpoints: Hugging Face <-> Megatron-core base conversion (adapters arrive later).
+"""Checkpoints: Hugging Face <-> Megatron-core conversion, adapters, training state.
 
     from megatron_mole.checkpoint import hf_to_mcore, mcore_to_hf, load_model
     hf_to_mcore("Llama-3-8B", "llama3-mcore", tp=8)     # one CPU process
@@ -8,7 +8,9 @@
 Modules: ``keymaps`` (declarative name maps and reversible tensor ops), ``spec`` (HF
 config -> Megatron config, refusing what is not exact), ``hf_io`` (safetensors reading
 and writing), ``mcore`` (GPTModel build, dist_checkpointing load), ``convert``,
-``cli`` and ``verify`` (the ``convert`` and ``verify`` subcommands).
+``cli`` and ``verify`` (the ``convert`` and ``verify`` subcommands); ``adapters`` and
+``export_cli`` (adapter save/export/merge, ``export``); ``ckpt_io`` (atomic multi-rank
+training checkpoints, written by the training loop and read by ``export``).
 Names resolve lazily: importing this package does not import Megatron-core.
 """
 import importlib

@@ -46,7 +46,7 @@ def read_source(path: str, step=None):
     """(Megatron adapter state dict, MoLEConfig dict, base reference) of a training checkpoint
     or a ``save_adapter`` directory."""
     from megatron_mole.checkpoint.adapters import SAVED_CONFIG, load_saved_adapter
-    from megatron_mole.training import ckpt_io
+    from megatron_mole.checkpoint import ckpt_io
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
@@ -104,7 +104,7 @@ def export(args) -> str:
 
 def run(args) -> int:
     from megatron_mole.checkpoint.hf_io import CheckpointError
-    from megatron_mole.training.ckpt_io import CheckpointError as TrainingCheckpointError
+    from megatron_mole.checkpoint.ckpt_io import CheckpointError as TrainingCheckpointError
 
     start = time.perf_counter()
     try:

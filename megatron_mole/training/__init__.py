@@ -4,7 +4,7 @@
 - ``data``, ``sampler``: instruction JSONL -> tokenised rows, domain-mixing resumable sampler;
 - ``tokenizer``, ``synthetic``: the quickstart's local BPE tokenizer and multi-domain dataset;
 - ``loop``: the training loop (Megatron DDP, distributed optimizer, scheduler, schedules);
-- ``ckpt_io``: atomic multi-rank checkpoints; ``logging``: progress, JSON lines, router stats;
+- ``logging``: progress, JSON lines, router stats (checkpoints: ``megatron_mole.checkpoint.ckpt_io``);
 - ``cli``, ``quickstart``: the two subcommands; ``memory``: expected memory per GPU of a job.
 
 Nothing is imported here: Megatron-core's import costs seconds.

@@ -24,7 +24,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from megatron_mole.checkpoint.hf_io import CheckpointError as BaseCheckpointError
-    from megatron_mole.training.ckpt_io import CheckpointError
+    from megatron_mole.checkpoint.ckpt_io import CheckpointError
     from megatron_mole.training.data import DataError
     from megatron_mole.training.train_config import ConfigError, config_from_args
 

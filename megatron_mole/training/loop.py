@@ -32,7 +32,7 @@ Notable:
   bf16, adapters are created in the base's dtype (routers stay fp32), and
   Megatron's mixed-precision optimizer keeps fp32 main parameters (saved in
   checkpoints, so a bf16 resume keeps them exactly too).
-- **Checkpoints** (ckpt_io, atomic, last K kept) hold the full adapter tensors with
+- **Checkpoints** (checkpoint/ckpt_io, atomic, last K kept) hold the full adapter tensors with
   global names, the scheduler, the sampler position, the base reference, the layout
   and the config (shared), and per rank the inner optimizer state, fp32 main params
   and all RNG states. Resuming at the same layout restores everything: the losses of
@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_mole.training import ckpt_io
+from megatron_mole.checkpoint import ckpt_io
 from megatron_mole.training.data import InstructionDataset, domain_loss_sums, packed_attention_mask, \
     split_microbatches
 from megatron_mole.training.logging import RouterLoadMonitor, StepLogger, gather_router_stats, weighted_aux_loss
