@@ -23,6 +23,9 @@ _LAZY = {
     "read_spec": "megatron_mole.checkpoint.mcore",
     "CheckpointError": "megatron_mole.checkpoint.hf_io",
     "UnsupportedModelError": "megatron_mole.checkpoint.spec",
+    "save_adapter": "megatron_mole.checkpoint.adapters",
+    "export_adapter": "megatron_mole.checkpoint.adapters",
+    "import_adapter": "megatron_mole.checkpoint.adapters",
 }
 
 __all__ = sorted(_LAZY)

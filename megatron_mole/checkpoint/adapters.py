@@ -101,10 +101,10 @@ def _split_name(name: str) -> Tuple[str, str]:
 
 def _weight_rules(spec: dict) -> Dict[str, keymaps.RuleInstance]:
     """Megatron parameter name -> its rule instance, for every layer of the base."""
-    from megatron_mole.checkpoint.convert import _instances
+    from megatron_mole.checkpoint.convert import rule_instances
 
     layout = (spec.get("hf") or {}).get("expert_layout", "per_expert")
-    return {name: inst for inst in _instances(spec, layout) for name in inst.mcore}
+    return {name: inst for inst in rule_instances(spec, layout) for name in inst.mcore}
 
 
 def _hf_modules(inst: keymaps.RuleInstance, prefix: str) -> List[str]:

@@ -85,7 +85,7 @@ def _expert_layout(ckpt: HFCheckpoint, mlp_kind: str) -> str:
     return "fused" if fused else "per_expert"
 
 
-def _instances(spec, expert_layout):
+def rule_instances(spec, expert_layout):
     """All rule instances in streaming order: embeddings, layer 0..L-1, then the rest."""
     flags, experts = spec["flags"], spec["shapes"]["num_experts"]
     rules = keymaps.rules_for(spec["mlp_kind"], expert_layout)
@@ -173,7 +173,7 @@ def hf_to_mcore(
     with HFCheckpoint(hf_dir) as ckpt:
         layout = _expert_layout(ckpt, spec["mlp_kind"])
         spec["flags"]["tied_head_stored"] = not spec["flags"]["untied"] and "lm_head.weight" in ckpt.weight_map
-        instances = _instances(spec, layout)
+        instances = rule_instances(spec, layout)
         used = [k for inst in instances for k in inst.hf if k in ckpt.weight_map]
         params_dtype = _resolve_dtype(ckpt, used, dtype)
         spec["params_dtype"] = dtype_name(params_dtype)
@@ -260,7 +260,7 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, overwrite: bool = False) -> Dict:
     sharded = model.sharded_state_dict()
     ckpt_dir = os.path.join(mcore_dir, DIST_DIR)
     by_key = {}
-    for inst in _instances(spec, hf["expert_layout"]):
+    for inst in rule_instances(spec, hf["expert_layout"]):
         for key in inst.hf:
             by_key[key] = inst
 
