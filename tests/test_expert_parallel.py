@@ -1,9 +1,10 @@
 """Expert parallelism: MoLE experts sharded over EP ranks train exactly like EP1.
 
 One 4-process launch runs every layout: EP1, EP2 and EP4 at TP1 (DP4), and
-EP2 x TP2+SP (DP2), with the same global batch split over the data-parallel
-ranks (one sequence per micro-batch, so the routers' balance losses see the
-same tokens everywhere) and gradients reduced by Megatron's DDP (expert params
+EP2 x TP2 with and without SP (DP2; scope "mlp" then splits the dispatch over
+the TP ranks that hold the same tokens, layers/tp_split.py), with the same
+global batch split over the data-parallel ranks (one sequence per micro-batch,
+so the routers' balance losses see the same tokens everywhere) and gradients reduced by Megatron's DDP (expert params
 over the expert-data-parallel group, the rest over data-parallel). Both expert
 scopes, 4 experts, top-2, adapters on qkv/proj/fc1/fc2, random B so the experts
 matter from step 1. Also: expert tensors live only on their owner (E/ep per
@@ -19,6 +20,7 @@ LAYOUTS = [
     dict(tp=1, ep=2, sp=False),
     dict(tp=1, ep=4, sp=False),
     dict(tp=2, ep=2, sp=True),
+    dict(tp=2, ep=2, sp=False),
 ]
 STEPS, GLOBAL_BATCH, EXPERTS = 4, 4, 4
 

@@ -70,6 +70,20 @@ def all_to_all(x: torch.Tensor, out_splits: List[int], in_splits: List[int], gro
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
 
 
+def regroup_index(counts_PL: torch.Tensor) -> torch.Tensor:
+    """Index that reorders rows laid out (source p, expert l)-major into
+    (expert l, source p)-major, given the rows per (p, l)."""
+    flat = counts_PL.reshape(-1)
+    src_starts = (torch.cumsum(flat, 0) - flat).view_as(counts_PL)
+    lp_counts = counts_PL.t().reshape(-1)
+    lp_starts = src_starts.t().reshape(-1)
+    total = int(lp_counts.sum())
+    offsets = torch.arange(total, device=counts_PL.device) - torch.repeat_interleave(
+        torch.cumsum(lp_counts, 0) - lp_counts, lp_counts
+    )
+    return torch.repeat_interleave(lp_starts, lp_counts) + offsets
+
+
 @dataclass
 class AllToAllPlan:
     num_tokens: int
@@ -146,14 +160,7 @@ class AllToAllDispatcher:
         send_splits = counts_PL.sum(1).tolist()
         recv_splits = recv_counts_PL.sum(1).tolist()
         # 4. received rows are (source, local expert)-major; regroup by local expert
-        src_starts = torch.cumsum(recv_counts_PL.reshape(-1), 0) - recv_counts_PL.reshape(-1)
-        lp_counts = recv_counts_PL.t().reshape(-1)
-        lp_starts = src_starts.view(self.ep_size, self.num_local).t().reshape(-1)
-        total = int(lp_counts.sum())
-        offsets = torch.arange(total, device=x_TD.device) - torch.repeat_interleave(
-            torch.cumsum(lp_counts, 0) - lp_counts, lp_counts
-        )
-        regroup_S = torch.repeat_interleave(lp_starts, lp_counts) + offsets
+        regroup_S = regroup_index(recv_counts_PL)
         counts_G = recv_counts_PL.sum(0).tolist()
         num_sent = sum(send_splits)
         sent_A = order_A[:num_sent]

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from megatron_mole.experts import LoRAExperts
 from megatron_mole.layers.base import AdapterTensor, AdapterWrapper
 from megatron_mole.layers.expert_parallel import build_expert_dispatcher, expert_sharding
+from megatron_mole.layers.tp_split import TokenSplit
 from megatron_mole.layers.linear import adapter_dropout, split_dims
 from megatron_mole.layers.mlp_core import swiglu_mixture
 from megatron_mole.layers.parallel import fc1_stride, placement_for
@@ -187,15 +188,25 @@ class MoLEMLP(AdapterWrapper):
         h = act(W1 x + p s B1 A1 x), and ``combine`` sums a token's K rows at home.
         Same math as ``mixture`` (W2 is linear); only H-wide rows cross ranks, at
         the price of running the frozen MLP once per row (K times per token).
-        p and g travel with the rows as two gate channels."""
+        p and g travel with the rows as two gate channels. Under TP the ranks that
+        hold the same tokens dispatch one chunk each (layers/tp_split.py)."""
         cfg, p1, p2 = self.cfg, self.place1, self.place2
         fc1, fc2 = self.base.linear_fc1, self.base.linear_fc2
+        num_tokens = x_TH.shape[0]
         gates_TK = routing.gates_TK
         K = gates_TK.shape[1]
         gates_TKC = torch.stack([gates_TK, gates_TK / gates_TK.sum(-1, keepdim=True)], -1)
-        x_SH, pg_SC, plan = self.dispatcher.permute(x_TH, routing.expert_idx_TK, gates_TKC)
-        p_S, g_S = pg_SC.unbind(-1)
+        idx_TK = routing.expert_idx_TK
+        split = TokenSplit(p1.group) if p1.tp_size > 1 else None
+        if split is not None:
+            _, start, stop = split.bounds(num_tokens)
+            x_TH, gates_TKC, idx_TK = split.take_chunk(x_TH), split.take_chunk(gates_TKC), idx_TK[start:stop]
+        x_SH, pg_SC, plan = self.dispatcher.permute(x_TH, idx_TK, gates_TKC)
         counts = plan.counts_G
+        if split is not None:  # every TP peer of the expert runs its shard on all their rows
+            x_SH, _, _ = split.gather_rows(x_SH, counts)
+            pg_SC, counts, undo = split.gather_rows(pg_SC.reshape(pg_SC.shape[0], -1), counts)
+        p_S, g_S = pg_SC.unbind(-1)
         z_SF1 = F.linear(p1.replicated(x_SH), fc1.weight)
         if fc1.bias is not None:
             z_SF1 = z_SF1 + fc1.bias
@@ -210,7 +221,10 @@ class MoLEMLP(AdapterWrapper):
             h_drop_SF = adapter_dropout(h_SF, cfg.dropout, p2, self.training)
             u2_SR = p2.gate_and_reduce(self.fc2.down(h_drop_SF, counts), p_S * cfg.scaling)
             y_SH = y_SH + self.fc2.up(u2_SR, counts)
-        return self.dispatcher.combine(y_SH, plan)
+        if split is None:
+            return self.dispatcher.combine(y_SH, plan)
+        y_chunk = self.dispatcher.combine(split.own_rows(y_SH, undo), plan)
+        return split.gather_tokens(y_chunk, num_tokens)
 
 
 def _fold_into_block0(v_SD, num_tokens, rest_pos):
