@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from megatron_mole.experts import LoRA, LoRAExperts
 from megatron_mole.layers.base import AdapterTensor, AdapterWrapper
 from megatron_mole.layers.expert_parallel import build_expert_dispatcher, expert_sharding
+from megatron_mole.layers.tp_split import TokenSplit, rows_to_shards, shards_to_rows
 from megatron_mole.layers.parallel import placement_for
 from megatron_mole.routing import AUX_LOSS_TRACKER, attach_aux_loss, build_router
 
@@ -133,12 +134,32 @@ class MoLELinear(_LinearWrapper):
 
 def mole_linear_delta(x_TI, routing, experts, dispatcher, place, cfg, training, into_TO=None):
     """sum_k p_k (alpha/r) B_k A_k dropout(x) for every token (fast path),
-    added to ``into_TO`` by one scatter-add when given and the dispatcher can."""
+    added to ``into_TO`` by one scatter-add when given and the dispatcher can.
+
+    Expert parallelism under a column-parallel base: the TP ranks hold the same
+    tokens, so each dispatches one chunk (layers/tp_split.py); the expert's TP
+    peers gather the rows, and one TP all-to-all on each side turns their
+    out-shards back into this rank's shard of every token."""
     x_TI = adapter_dropout(x_TI, cfg.dropout, place, training)
-    x_SI, gates_S, plan = dispatcher.permute(x_TI, routing.expert_idx_TK, routing.gates_TK)
-    u_SR = experts.down(x_SI, plan.counts_G)
+    idx_TK, gates_TK = routing.expert_idx_TK, routing.gates_TK
+    split = None
+    if place.kind == "column" and place.tp_size > 1 and getattr(dispatcher, "ep_size", 1) > 1:
+        split = TokenSplit(place.group)
+        num_tokens = x_TI.shape[0]
+        _, start, stop = split.bounds(num_tokens)
+        x_TI, gates_TK, idx_TK = split.take_chunk(x_TI), split.take_chunk(gates_TK), idx_TK[start:stop]
+    x_SI, gates_S, plan = dispatcher.permute(x_TI, idx_TK, gates_TK)
+    counts = plan.counts_G
+    if split is not None:
+        x_SI, _, _ = split.gather_rows(x_SI, counts)
+        gates_S1, counts, undo = split.gather_rows(gates_S.unsqueeze(-1), counts)
+        gates_S = gates_S1.squeeze(-1)
+    u_SR = experts.down(x_SI, counts)
     u_SR = place.gate_and_reduce(u_SR, gates_S * cfg.scaling)
-    y_SO = experts.up(u_SR, plan.counts_G)
+    y_SO = experts.up(u_SR, counts)
+    if split is not None:
+        y_TO = rows_to_shards(dispatcher.combine(shards_to_rows(y_SO, undo, split), plan), num_tokens, split)
+        return y_TO if into_TO is None else into_TO + y_TO.to(into_TO.dtype)
     if into_TO is None:
         return dispatcher.combine(y_SO, plan)
     if hasattr(dispatcher, "combine_add"):

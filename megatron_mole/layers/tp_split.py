@@ -118,3 +118,27 @@ class TokenSplit:
         regroup_A, sizes = undo
         peer_major = torch.zeros_like(y_AD).index_copy(0, regroup_A, y_AD)
         return _OwnRows.apply(peer_major, sizes, self.rank, self.group)
+
+
+def shards_to_rows(y_AW: torch.Tensor, undo, split: "TokenSplit") -> torch.Tensor:
+    """Column-parallel outputs: expert-grouped rows of all TP peers with this rank's
+    out-shard [A, w] -> this rank's own rows with every peer's shard [S, P*w]
+    (shards concatenated in rank order; ``rows_to_shards`` undoes it)."""
+    from megatron_mole.dispatch.alltoall import all_to_all
+
+    regroup_A, sizes = undo
+    peer_major = torch.zeros_like(y_AW).index_copy(0, regroup_A, y_AW)
+    mine = sizes[split.rank]
+    got = all_to_all(peer_major, [mine] * split.size, sizes, split.group)  # [P*S, w]
+    return got.view(split.size, mine, -1).transpose(0, 1).reshape(mine, -1)
+
+
+def rows_to_shards(y_TiPW: torch.Tensor, num_tokens: int, split: "TokenSplit") -> torch.Tensor:
+    """This rank's token chunk with every shard [T_i, P*w] -> every token with this
+    rank's shard [T, w] (one all-to-all over TP)."""
+    from megatron_mole.dispatch.alltoall import all_to_all
+
+    sizes, _, _ = split.bounds(num_tokens)
+    mine = sizes[split.rank]
+    per_shard = y_TiPW.view(mine, split.size, -1).transpose(0, 1).reshape(split.size * mine, -1)
+    return all_to_all(per_shard, sizes, [mine] * split.size, split.group)
