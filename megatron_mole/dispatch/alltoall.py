@@ -84,6 +84,11 @@ def regroup_index(counts_PL: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(lp_starts, lp_counts) + offsets
 
 
+def ungroup(rows: torch.Tensor, regroup: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``rows_grouped = rows_src.index_select(0, regroup)``."""
+    return torch.zeros_like(rows).index_copy(0, regroup, rows)
+
+
 @dataclass
 class AllToAllPlan:
     num_tokens: int
@@ -181,7 +186,7 @@ class AllToAllDispatcher:
     def combine(self, y_SD: torch.Tensor, plan: AllToAllPlan, weights_TK: Optional[torch.Tensor] = None):
         """y_TD[t] = sum_j weights_TK[t, j] * (expert output of (t, j)); dropped slots add 0."""
         # undo the regroup: scatter rows back to (source, local expert) order
-        y_recv = torch.zeros_like(y_SD).index_copy(0, plan.regroup_S, y_SD)
+        y_recv = ungroup(y_SD, plan.regroup_S)
         y_sent = all_to_all(y_recv, plan.send_splits, plan.recv_splits, self.group)
         num_slots = plan.num_tokens * plan.top_k
         width = y_SD.shape[-1]

@@ -151,9 +151,7 @@ def mole_linear_delta(x_TI, routing, experts, dispatcher, place, cfg, training, 
     x_SI, gates_S, plan = dispatcher.permute(x_TI, idx_TK, gates_TK)
     counts = plan.counts_G
     if split is not None:
-        x_SI, _, _ = split.gather_rows(x_SI, counts)
-        gates_S1, counts, undo = split.gather_rows(gates_S.unsqueeze(-1), counts)
-        gates_S = gates_S1.squeeze(-1)
+        (x_SI, gates_S), counts, undo = split.gather_rows(counts, x_SI, gates_S)
     u_SR = experts.down(x_SI, counts)
     u_SR = place.gate_and_reduce(u_SR, gates_S * cfg.scaling)
     y_SO = experts.up(u_SR, counts)

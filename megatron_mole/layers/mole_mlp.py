@@ -204,8 +204,7 @@ class MoLEMLP(AdapterWrapper):
         x_SH, pg_SC, plan = self.dispatcher.permute(x_TH, idx_TK, gates_TKC)
         counts = plan.counts_G
         if split is not None:  # every TP peer of the expert runs its shard on all their rows
-            x_SH, _, _ = split.gather_rows(x_SH, counts)
-            pg_SC, counts, undo = split.gather_rows(pg_SC.reshape(pg_SC.shape[0], -1), counts)
+            (x_SH, pg_SC), counts, undo = split.gather_rows(counts, x_SH, pg_SC)
         p_S, g_S = pg_SC.unbind(-1)
         z_SF1 = F.linear(p1.replicated(x_SH), fc1.weight)
         if fc1.bias is not None:

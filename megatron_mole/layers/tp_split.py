@@ -28,7 +28,7 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-from megatron_mole.dispatch.alltoall import regroup_index
+from megatron_mole.dispatch.alltoall import regroup_index, ungroup
 
 
 def _gather_variable(x: torch.Tensor, sizes: List[int], group) -> List[torch.Tensor]:
@@ -101,23 +101,24 @@ class TokenSplit:
         sizes, _, _ = self.bounds(num_tokens)
         return _GatherRows.apply(y_chunk, sizes, self.rank, self.group)
 
-    def gather_rows(self, x_SD: torch.Tensor, counts_L: List[int]):
+    def gather_rows(self, counts_L: List[int], *rows_S):
         """Rows of every TP peer, regrouped by local expert (peers' order inside an
-        expert); returns (x_AD, counts of the gathered rows per expert, undo state)."""
-        counts = torch.tensor(counts_L, dtype=torch.int64, device=x_SD.device)
+        expert), for each of ``rows_S`` (tensors sharing this rank's per-expert
+        ``counts_L``); returns ([gathered tensors], rows per expert, undo state)."""
+        counts = torch.tensor(counts_L, dtype=torch.int64, device=rows_S[0].device)
         peers = [torch.empty_like(counts) for _ in range(self.size)]
         dist.all_gather(peers, counts, group=self.group)
         counts_PL = torch.stack(peers)
         sizes = counts_PL.sum(1).tolist()
-        x_AD = _GatherRows.apply(x_SD, sizes, self.rank, self.group)
         regroup_A = regroup_index(counts_PL)
-        return x_AD.index_select(0, regroup_A), counts_PL.sum(0).tolist(), (regroup_A, sizes)
+        gathered = [_GatherRows.apply(x, sizes, self.rank, self.group).index_select(0, regroup_A)
+                    for x in rows_S]
+        return gathered, counts_PL.sum(0).tolist(), (regroup_A, sizes)
 
     def own_rows(self, y_AD: torch.Tensor, undo) -> torch.Tensor:
         """This rank's rows of expert-grouped ``y_AD``, in the order it received them."""
         regroup_A, sizes = undo
-        peer_major = torch.zeros_like(y_AD).index_copy(0, regroup_A, y_AD)
-        return _OwnRows.apply(peer_major, sizes, self.rank, self.group)
+        return _OwnRows.apply(ungroup(y_AD, regroup_A), sizes, self.rank, self.group)
 
 
 def shards_to_rows(y_AW: torch.Tensor, undo, split: "TokenSplit") -> torch.Tensor:
@@ -127,7 +128,7 @@ def shards_to_rows(y_AW: torch.Tensor, undo, split: "TokenSplit") -> torch.Tenso
     from megatron_mole.dispatch.alltoall import all_to_all
 
     regroup_A, sizes = undo
-    peer_major = torch.zeros_like(y_AW).index_copy(0, regroup_A, y_AW)
+    peer_major = ungroup(y_AW, regroup_A)
     mine = sizes[split.rank]
     got = all_to_all(peer_major, [mine] * split.size, sizes, split.group)  # [P*S, w]
     return got.view(split.size, mine, -1).transpose(0, 1).reshape(mine, -1)
