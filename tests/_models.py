@@ -47,17 +47,21 @@ def global_name(model, name):
     return name
 
 
-def local_shard(param, full, name, gated=False):
-    """Slice ``full`` the way Megatron shards ``param`` on this rank."""
+def _tp_group_of(param):
+    """(size, rank) of the group that splits ``param``: expert weights follow the
+    expert tensor-parallel group, the rest the tensor-parallel group."""
     from megatron.core import parallel_state as ps
 
+    if getattr(param, "allreduce", True):
+        return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    return ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
+
+
+def local_shard(param, full, name, gated=False):
+    """Slice ``full`` the way Megatron shards ``param`` on this rank."""
     if not getattr(param, "tensor_model_parallel", False):
         return full
-    if getattr(param, "allreduce", True):
-        size, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    else:  # expert weights follow the expert tensor-parallel group
-        size = ps.get_expert_tensor_parallel_world_size()
-        rank = ps.get_expert_tensor_parallel_rank()
+    size, rank = _tp_group_of(param)
     dim = param.partition_dim
     if gated and name.endswith("linear_fc1.weight"):
         # SwiGLU fc1 is [gate; up]; each rank holds [gate_r; up_r].
@@ -66,17 +70,9 @@ def local_shard(param, full, name, gated=False):
 
 
 def full_shape(param):
-    from megatron.core import parallel_state as ps
-
     shape = list(param.shape)
     if getattr(param, "tensor_model_parallel", False):
-        expert = not getattr(param, "allreduce", True)
-        size = (
-            ps.get_expert_tensor_parallel_world_size()
-            if expert
-            else ps.get_tensor_model_parallel_world_size()
-        )
-        shape[param.partition_dim] *= size
+        shape[param.partition_dim] *= _tp_group_of(param)[0]
     return shape
 
 
