@@ -43,7 +43,10 @@ class Router(nn.Module):
     """A linear fp32 gate ``W_g`` of shape [E, D] (no bias) plus a selection rule.
 
     ``weight`` is created in fp32 whatever the model dtype: routing decisions
-    are taken in fp32 so that they do not flip with the compute precision.
+    are taken in fp32 so that they do not flip with the compute precision. A
+    model cast after construction (``model.to(torch.bfloat16)``, Megatron's
+    ``Float16Module``) casts this weight too; the logits still use it upcast to
+    fp32 (bf16-rounded values, fp32 math), so the forward works at any dtype.
     """
 
     registry_name = "?"
@@ -64,7 +67,9 @@ class Router(nn.Module):
                              f"takes no arguments")
 
     def logits(self, x_TD: torch.Tensor, reduce_logits: Optional[Callable] = None) -> torch.Tensor:
-        logits_TE = torch.nn.functional.linear(x_TD.float(), self.weight)
+        # .float() on both: a no-op for fp32, an upcast when the model was cast to bf16/fp16 later
+        # (F.linear refuses mixed dtypes); the gradient flows back to the weight in its own dtype.
+        logits_TE = torch.nn.functional.linear(x_TD.float(), self.weight.float())
         # Under a row-parallel base each rank holds a slice of D: the partial
         # logits are summed over tensor-parallel ranks by the caller's function.
         return reduce_logits(logits_TE) if reduce_logits is not None else logits_TE
