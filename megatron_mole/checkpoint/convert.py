@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -36,7 +37,8 @@ from megatron_mole.checkpoint.hf_io import (
     copy_side_files,
     dtype_from_name,
     dtype_name,
-    write_shards,
+    write_files,
+    write_index,
 )
 from megatron_mole.checkpoint.mcore import (
     DIST_DIR,
@@ -45,7 +47,7 @@ from megatron_mole.checkpoint.mcore import (
     build_gpt_model,
     load_tensors,
     read_spec,
-    single_process_runtime,
+    conversion_runtime,
 )
 from megatron_mole.checkpoint.spec import check_layout, spec_from_hf_config
 
@@ -161,6 +163,8 @@ def hf_to_mcore(
     tp/pp/ep: the layout the checkpoint is meant for (the vocabulary is padded for ``tp``
     and the sizes are checked); the checkpoint itself loads at any layout these divide.
     dtype: the Megatron parameter dtype (default: the checkpoint's own).
+    Under torchrun each process converts and writes its share of the tensors (see the module
+    docstring); every process must call this with the same arguments.
     """
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"output directory {os.path.abspath(out_dir)} already exists "
@@ -177,24 +181,19 @@ def hf_to_mcore(
         used = [k for inst in instances for k in inst.hf if k in ckpt.weight_map]
         params_dtype = _resolve_dtype(ckpt, used, dtype)
         spec["params_dtype"] = dtype_name(params_dtype)
-        single_process_runtime()
-        model = build_gpt_model(spec, params_dtype)
+        info = conversion_runtime()
+        # A template only (names, global shapes, sharding): no memory behind it.
+        with torch.device("meta"):
+            model = build_gpt_model(spec, params_dtype)
         params = dict(model.named_parameters())
         _check_hf_tensors(ckpt, instances, params, spec["shapes"])
-        hf_dtypes, written = {}, {}
-        with torch.no_grad():
-            for inst in instances:
-                hf_tensors = []
-                for key in inst.hf:
-                    hf_dtypes[key] = dtype_name(ckpt.dtype(key))
-                    hf_tensors.append(ckpt.get(key).to(params_dtype))
-                for name, tensor in zip(inst.mcore, keymaps.apply_to_mcore(inst, hf_tensors, spec["shapes"])):
-                    if name in written and not torch.equal(params[name], tensor):
-                        raise CheckpointError(f"tensors {written[name]} and {list(inst.hf)} should be tied "
-                                              f"(tie_word_embeddings) but differ")
-                    params[name].copy_(tensor)
-                    written[name] = list(inst.hf)
-                del hf_tensors
+        hf_dtypes = {key: dtype_name(ckpt.dtype(key)) for inst in instances for key in inst.hf}
+        units = _units(instances)
+        sizes = [sum(ckpt.nbytes(key) for inst in unit for key in inst.hf) for unit in units]
+        owners = split_contiguous(sizes, info.world_size)
+        mine = [unit for unit, owner in zip(units, owners) if owner == info.rank]
+        owned = _convert_units(ckpt, mine, params_dtype, spec["shapes"])
+        state = _rank_state(model.sharded_state_dict(), owned, params, info.rank)
         spec["hf"] = {
             "weight_map": ckpt.weight_map,
             "indexed": ckpt.index_metadata is not None or os.path.exists(os.path.join(hf_dir, INDEX_NAME)),
@@ -206,14 +205,112 @@ def hf_to_mcore(
         }
         spec["format"] = FORMAT
         spec["converted_for"] = {"tp": tp, "pp": pp, "ep": ep}
-        with atomic_output_dir(out_dir, overwrite) as tmp:
-            os.makedirs(os.path.join(tmp, DIST_DIR))
-            dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, DIST_DIR))
-            copy_side_files(hf_dir, os.path.join(tmp, HF_DIR))
-            with open(os.path.join(tmp, SPEC_NAME), "w") as f:
-                json.dump(spec, f, indent=2)
-                f.write("\n")
+        with shared_output_dir(out_dir, overwrite, info) as tmp:
+            if info.rank == 0:
+                os.makedirs(os.path.join(tmp, DIST_DIR))
+            _barrier(info)
+            dist_checkpointing.save(state, os.path.join(tmp, DIST_DIR))
+            if info.rank == 0:
+                copy_side_files(hf_dir, os.path.join(tmp, HF_DIR))
+                with open(os.path.join(tmp, SPEC_NAME), "w") as f:
+                    json.dump(spec, f, indent=2)
+                    f.write("\n")
     return spec
+
+
+def _units(instances) -> List[list]:
+    """Rule instances grouped so that instances writing the same Megatron tensor (a tied head
+    stored beside its embedding) land in one group, hence on one rank; streaming order kept."""
+    units, unit_of = [], {}
+    for inst in instances:
+        shared = next((unit_of[name] for name in inst.mcore if name in unit_of), None)
+        if shared is None:
+            shared = len(units)
+            units.append([])
+        units[shared].append(inst)
+        for name in inst.mcore:
+            unit_of[name] = shared
+    return units
+
+
+def split_contiguous(sizes: List[int], parts: int) -> List[int]:
+    """Owner (0..parts-1) of each item: contiguous runs of about equal total size, in order."""
+    total, owners, running = sum(sizes), [], 0
+    for size in sizes:
+        # An item belongs to the part its midpoint falls in: balanced and order-preserving.
+        middle = running + size / 2
+        owners.append(min(parts - 1, int(middle * parts / total)) if total else 0)
+        running += size
+    return owners
+
+
+def _convert_units(ckpt: HFCheckpoint, units, params_dtype, shapes) -> Dict[str, torch.Tensor]:
+    """Read this rank's Hugging Face tensors (just their byte ranges) and build its Megatron tensors."""
+    owned, written = {}, {}
+    for unit in units:
+        for inst in unit:
+            hf_tensors = [ckpt.get(key).to(params_dtype) for key in inst.hf]
+            for name, tensor in zip(inst.mcore, keymaps.apply_to_mcore(inst, hf_tensors, shapes)):
+                if name in owned and not torch.equal(owned[name], tensor):
+                    raise CheckpointError(f"tensors {written[name]} and {list(inst.hf)} should be tied "
+                                          f"(tie_word_embeddings) but differ")
+                owned[name] = tensor.contiguous()
+                written[name] = list(inst.hf)
+            del hf_tensors
+    return owned
+
+
+def _rank_state(sharded: Dict, owned: Dict[str, torch.Tensor], params, rank: int) -> Dict:
+    """This rank's part of the model's sharded state dict: the tensors it converted, each
+    marked as its main replica (replica_id 0) so that it is written exactly once, and on
+    rank 0 the small non-tensor entries (the linears' empty ``_extra_state``)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    state = {}
+    for name, item in sharded.items():
+        if isinstance(item, (ShardedTensor, ShardedTensorFactory)):
+            if name in owned:
+                item.data = owned[name]
+            elif name in params:
+                continue  # another rank's
+            else:
+                raise CheckpointError(f"Megatron tensor {name!r} is not a parameter: the converter has no value for it")
+        elif rank != 0:
+            continue
+        item.replica_id = 0
+        state[name] = item
+    return state
+
+
+def _barrier(info):
+    if info.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def shared_output_dir(out_dir: str, overwrite: bool, info):
+    """``atomic_output_dir`` for all ranks: rank 0 makes the temporary directory and renames it
+    into place once every rank has written its part."""
+    if info.world_size == 1:
+        with atomic_output_dir(out_dir, overwrite) as tmp:
+            yield tmp
+        return
+    import torch.distributed as dist
+
+    box = [None]
+    if info.rank == 0:
+        with atomic_output_dir(out_dir, overwrite) as tmp:
+            box[0] = tmp
+            dist.broadcast_object_list(box, src=0)
+            yield tmp
+            dist.barrier()
+    else:
+        dist.broadcast_object_list(box, src=0)
+        yield box[0]
+        dist.barrier()
+    dist.barrier()  # the output is in place when any rank returns
 
 
 def _check_hf_tensors(ckpt: HFCheckpoint, instances, params, shapes):
@@ -244,7 +341,11 @@ def _check_hf_tensors(ckpt: HFCheckpoint, instances, params, shapes):
 
 
 def mcore_to_hf(mcore_dir: str, out_dir: str, overwrite: bool = False) -> Dict:
-    """Write a converted Megatron checkpoint back as the Hugging Face files it came from."""
+    """Write a converted Megatron checkpoint back as the Hugging Face files it came from.
+
+    Under torchrun the output files are shared out among the processes (by size); rank 0
+    writes the index and the side files.
+    """
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"output directory {os.path.abspath(out_dir)} already exists "
                               f"(pass --overwrite to replace it)")
@@ -253,16 +354,19 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, overwrite: bool = False) -> Dict:
     if spec.get("format") != FORMAT or not hf:
         raise CheckpointError(f"{os.path.join(mcore_dir, SPEC_NAME)}: format {spec.get('format')!r}, "
                               f"expected {FORMAT!r} with its 'hf' section")
-    single_process_runtime()
+    info = conversion_runtime()
     # The model is only a template: its sharded state dict says where each tensor lives;
     # each output file loads just the Megatron tensors it needs (see load_tensors).
-    model = build_gpt_model(spec, dtype_from_name(spec["params_dtype"]))
+    with torch.device("meta"):
+        model = build_gpt_model(spec, dtype_from_name(spec["params_dtype"]))
     sharded = model.sharded_state_dict()
+    params = dict(model.named_parameters())
     ckpt_dir = os.path.join(mcore_dir, DIST_DIR)
-    by_key = {}
+    by_key, nbytes = {}, {}
     for inst in rule_instances(spec, hf["expert_layout"]):
-        for key in inst.hf:
+        for key, shape in zip(inst.hf, _expected_hf_shapes(inst, params, spec["shapes"])):
             by_key[key] = inst
+            nbytes[key] = math.prod(shape) * dtype_from_name(hf["dtypes"][key]).itemsize
 
     def produce(keys):
         wanted = set(keys)
@@ -280,9 +384,31 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, overwrite: bool = False) -> Dict:
     for key, name in hf["weight_map"].items():
         if key in by_key:  # ignored buffers (rotary inv_freq) are not written back
             files.setdefault(name, []).append(key)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
-        write_shards(tmp, files, produce, hf.get("file_metadata"), hf.get("index_metadata"), hf["indexed"])
-        src = os.path.join(mcore_dir, HF_DIR)
-        if os.path.isdir(src):
-            copy_side_files(src, tmp)
+    owners = _share_files({name: sum(nbytes[k] for k in keys) for name, keys in files.items()}, info.world_size)
+    mine = {name: keys for name, keys in files.items() if owners[name] == info.rank}
+    with shared_output_dir(out_dir, overwrite, info) as tmp:
+        weight_map, total = write_files(tmp, mine, produce, hf.get("file_metadata"))
+        if info.world_size > 1:
+            import torch.distributed as dist
+
+            parts = [None] * info.world_size
+            dist.all_gather_object(parts, (weight_map, total))
+            weight_map = {k: v for part, _ in parts for k, v in part.items()}
+            total = sum(t for _, t in parts)
+        if info.rank == 0:
+            if hf["indexed"]:
+                write_index(tmp, weight_map, total, hf.get("index_metadata"))
+            src = os.path.join(mcore_dir, HF_DIR)
+            if os.path.isdir(src):
+                copy_side_files(src, tmp)
     return spec
+
+
+def _share_files(sizes: Dict[str, int], ranks: int) -> Dict[str, int]:
+    """Owner rank of each output file: largest first to the least loaded rank (deterministic)."""
+    load, owners = [0] * ranks, {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        rank = min(range(ranks), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += sizes[name]
+    return owners

@@ -5,8 +5,13 @@ asked for), checks up front that the index and the shards agree, and reports a m
 or truncated shard by file name before anything is converted. Shapes and dtypes come from the headers, so a whole checkpoint is validated
 without reading its data.
 
-:func:`write_shards` writes one file at a time, so exporting holds at most one shard of
-Hugging Face tensors beyond the model being exported.
+:func:`write_files` writes one file at a time, so exporting holds at most one shard of
+Hugging Face tensors beyond the model being exported; under torchrun each rank writes its
+own files and rank 0 the index (:func:`write_index`).
+
+Tensors are read with plain reads of their byte ranges, not memory-mapped: a converting
+rank reads exactly the bytes of its own tensors either way, and read-in mapped pages
+would count in its RSS until it exits.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import contextlib
 import json
 import os
 import shutil
-from typing import Callable, Dict, Iterable, List, Sequence
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from safetensors.torch import save_file
@@ -25,6 +30,8 @@ __all__ = [
     "INDEX_NAME",
     "SINGLE_NAME",
     "copy_side_files",
+    "write_files",
+    "write_index",
     "write_shards",
     "dtype_name",
     "dtype_from_name",
@@ -145,6 +152,10 @@ class HFCheckpoint(contextlib.AbstractContextManager):
     def shape(self, key: str) -> List[int]:
         return list(self._entry(key)["shape"])
 
+    def nbytes(self, key: str) -> int:
+        begin, end = self._entry(key)["data_offsets"]
+        return end - begin
+
     def dtype(self, key: str) -> torch.dtype:
         return _DTYPES[self._entry(key)["dtype"]]
 
@@ -184,19 +195,14 @@ def _own_storage(tensor: torch.Tensor, storages: set) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
-def write_shards(
+def write_files(
     out_dir: str,
     files: Dict[str, Sequence[str]],
     produce: Callable[[Iterable[str]], Dict[str, torch.Tensor]],
     file_metadata: Dict[str, dict] = None,
-    index_metadata: dict = None,
-    write_index: bool = True,
-) -> None:
-    """Write ``files`` (file name -> tensor names) one file at a time.
-
-    ``produce(names)`` returns the tensors of one file. The index is written when
-    ``write_index`` (the source had one); ``index_metadata`` is kept as it was read.
-    """
+) -> Tuple[Dict[str, str], int]:
+    """Write ``files`` (file name -> tensor names) one file at a time; ``produce(names)``
+    returns the tensors of one file. Returns the weight map written and its total bytes."""
     weight_map, total = {}, 0
     for name, keys in files.items():
         produced = produce(keys)
@@ -212,8 +218,26 @@ def write_shards(
             weight_map[k] = name
             total += t.numel() * t.element_size()
         del tensors
-    if write_index:
-        metadata = dict(index_metadata) if index_metadata is not None else {"total_size": total}
-        with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
-            json.dump({"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-            f.write("\n")
+    return weight_map, total
+
+
+def write_index(out_dir: str, weight_map: Dict[str, str], total: int, index_metadata: dict = None) -> None:
+    """The safetensors index; ``index_metadata`` is kept as it was read (else the total size)."""
+    metadata = dict(index_metadata) if index_metadata is not None else {"total_size": total}
+    with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
+        json.dump({"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+        f.write("\n")
+
+
+def write_shards(
+    out_dir: str,
+    files: Dict[str, Sequence[str]],
+    produce: Callable[[Iterable[str]], Dict[str, torch.Tensor]],
+    file_metadata: Dict[str, dict] = None,
+    index_metadata: dict = None,
+    write_index_file: bool = True,
+) -> None:
+    """:func:`write_files`, then the index when ``write_index_file`` (the source had one)."""
+    weight_map, total = write_files(out_dir, files, produce, file_metadata)
+    if write_index_file:
+        write_index(out_dir, weight_map, total, index_metadata)

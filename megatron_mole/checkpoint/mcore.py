@@ -31,7 +31,7 @@ from megatron_mole.checkpoint.hf_io import CheckpointError, dtype_from_name
 from megatron_mole.checkpoint.spec import check_layout
 
 __all__ = ["SPEC_NAME", "DIST_DIR", "HF_DIR", "read_spec", "build_gpt_model", "load_model", "load_model_chunks",
-           "single_process_runtime"]
+           "conversion_runtime"]
 
 SPEC_NAME = "mcore_config.json"
 DIST_DIR = "dist_ckpt"
@@ -163,16 +163,20 @@ def restore_tensor_parallel_attributes(model) -> int:
     return marked
 
 
-def single_process_runtime():
-    """Start (or reuse) a one-process CPU runtime at TP1/PP1/EP1 for conversion."""
+def conversion_runtime():
+    """Start (or reuse) the CPU runtime conversion runs in: tp=pp=ep=1, any number of processes.
+
+    Under torchrun every process is one data-parallel rank; conversion splits the tensors
+    over them by hand (see ``convert.py``), so no model parallelism is involved.
+    """
     from megatron_mole import runtime
 
     if not runtime.is_initialized():
         return runtime.init_distributed(tp=1, pp=1, ep=1, device="cpu")
     info = runtime.get_runtime()
-    if info.world_size != 1 or (info.tp, info.pp, info.ep) != (1, 1, 1):
+    if (info.tp, info.pp, info.ep) != (1, 1, 1):
         raise RuntimeError(
-            f"conversion runs in one process at tp=pp=ep=1; this runtime has world size {info.world_size}, "
+            f"conversion runs at tp=pp=ep=1 (processes split the tensors among themselves); this runtime has "
             f"tp={info.tp}, pp={info.pp}, ep={info.ep}"
         )
     return info
