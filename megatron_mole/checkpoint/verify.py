@@ -1,4 +1,4 @@
-"""`megatron-mole verify`: Megatron logits at a TP/PP/EP layout against transformers, in fp32.
+"""`megatron-mole verify`: Megatron logits at a TP/PP/EP layout against transformers.
 
 Run under torchrun (``torchrun --nproc-per-node N -m megatron_mole verify --hf DIR
 --mcore DIR --tp 2``). Every rank feeds the same seeded random tokens; the Megatron
@@ -9,7 +9,17 @@ last-stage rank: tensor- and data-parallel rank 0), on the CPU by default
 (``--hf-device rank`` uses that rank's device): a model sharded for TP/PP rarely fits
 whole on one GPU, and one copy per last-stage GPU would multiply it. The Megatron logits
 are compared there; the difference is all-reduced, printed, and the command exits 1
-above the tolerance (1e-4).
+above the tolerance.
+
+Precision (``--dtype``): both models run in float64 by default on CPU, so a conversion
+error (any wrong bit of a weight moves the logits by far more than 1e-10 of their scale)
+is told apart from fp32 accumulation-order noise (~1e-5 of the scale on a 30-layer model);
+float32 is the default on GPUs. The check is relative: max |difference| / max |reference
+logit| against 1e-10 (float64) or 1e-4 (float32). Both models hold the same weights: the
+Hugging Face ones are rounded to the dtype the Megatron checkpoint records (a bf16
+conversion of fp32 weights is compared with the same bf16 weights), then widened. When
+the check fails, every decoder layer's output is compared too and the first layer whose
+hidden states diverge is printed: that is where the wrong tensor is.
 
 With ``--adapter DIR`` (an exported adapter, ``megatron-mole export``) both sides carry
 it: Megatron through ``apply_mole`` + ``load_adapter_state_dict`` of the tensors mapped
@@ -22,12 +32,15 @@ Legend: B batch, S sequence, V vocabulary (Vt: this TP rank's share).
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["megatron_logits", "hf_logits", "max_logits_difference", "add_arguments", "run"]
+__all__ = ["megatron_logits", "hf_logits", "compare_logits", "max_logits_difference", "add_arguments", "run"]
 
-TOLERANCE = 1e-4
+# Relative to the logits' scale (max |reference logit|), per compute dtype.
+TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
 def megatron_logits(chunks, tokens_BS: torch.Tensor, vocab_size: int):
@@ -45,7 +58,7 @@ def megatron_logits(chunks, tokens_BS: torch.Tensor, vocab_size: int):
 
     def loss_func(logits_1SVt):
         logits_1SV = gather_from_tensor_model_parallel_region(logits_1SVt)[..., :vocab_size]
-        return logits_1SVt.sum() * 0.0, {"logits": logits_1SV.detach().float()}
+        return logits_1SVt.sum() * 0.0, {"logits": logits_1SV.detach()}
 
     def forward_step(data_iterator, chunk):
         tokens_1S = next(data_iterator)
@@ -77,17 +90,86 @@ def _is_reference_rank() -> bool:
             and ps.get_data_parallel_rank() == 0)
 
 
-def hf_logits(hf_dir: str, tokens_BS: torch.Tensor, adapter: str = None) -> torch.Tensor:
+def hf_logits(hf_dir: str, tokens_BS: torch.Tensor, adapter: str = None, dtype=torch.float32,
+              narrow_to=None, hidden=None) -> torch.Tensor:
+    """transformers' logits in ``dtype``. ``narrow_to``: round every weight to this dtype first
+    (the dtype the Megatron checkpoint holds). ``hidden``: a dict that receives each decoder
+    layer's output [B, S, H] by layer index."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(tokens_BS.device)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(tokens_BS.device)
+    if narrow_to is not None and narrow_to != dtype:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.to(narrow_to))
     if adapter is not None:
         from megatron_mole.hf import load_mole_adapter
 
         load_mole_adapter(model, adapter)
+    handles = []
+    if hidden is not None:
+        for index, layer in enumerate(model.model.layers):
+            handles.append(layer.register_forward_hook(_recorder(hidden, index, batch_first=True)))
     model.eval()
-    with torch.no_grad():
-        return model(input_ids=tokens_BS).logits.float()
+    try:
+        with torch.no_grad(), (_KeepFloat64() if dtype == torch.float64 else contextlib.nullcontext()):
+            return model(input_ids=tokens_BS).logits.to(dtype)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _KeepFloat64(TorchFunctionMode):
+    """Inside transformers' forward: a float64 tensor cast to float32 stays float64.
+
+    transformers computes RMSNorm, softmax and MoE routing weights in float32 whatever the
+    model's dtype (``hidden.to(torch.float32)``, ``softmax(..., dtype=torch.float)``); Megatron
+    computes them in the parameters' dtype. Without this the float64 check would measure
+    transformers' float32 rounding (~1e-7 of the logits). Casts of other dtypes (the rotary
+    frequencies, float32 on both sides) are left alone.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        first = args[0] if args else None
+        if isinstance(first, torch.Tensor) and first.dtype == torch.float64:
+            if func is torch.Tensor.float:
+                return first
+            if func is torch.Tensor.to:
+                args = tuple(torch.float64 if a is torch.float32 else a for a in args)
+            if kwargs.get("dtype") is torch.float32:
+                kwargs["dtype"] = torch.float64
+        return func(*args, **kwargs)
+
+
+def _recorder(store, index, batch_first):
+    def hook(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        store.setdefault(index, []).append(out.detach() if batch_first else out.detach().transpose(0, 1))
+    return hook
+
+
+def _megatron_hidden_hooks(chunks, store):
+    """Record each Megatron decoder layer's output [B, S, H] (gathered over sequence parallelism)."""
+    from megatron.core import parallel_state as ps
+
+    handles = []
+    for chunk in chunks:
+        sp = chunk.config.sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1
+
+        def hook(module, args, output, sp=sp):
+            out = output[0] if isinstance(output, tuple) else output
+            if sp:  # [S/tp, B, H] per TP rank
+                import torch.distributed as dist
+
+                parts = [torch.empty_like(out) for _ in range(ps.get_tensor_model_parallel_world_size())]
+                dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
+                out = torch.cat(parts, dim=0)
+            store.setdefault(module.layer_number - 1, []).append(out.detach().transpose(0, 1))
+
+        for layer in chunk.decoder.layers:
+            handles.append(layer.register_forward_hook(hook))
+    return handles
 
 
 def _ensure_layout(tp, pp, ep, vpp, device):
@@ -101,32 +183,99 @@ def _ensure_layout(tp, pp, ep, vpp, device):
     return info
 
 
-def max_logits_difference(
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """``auto``: float64 where it is cheap (CPU), float32 on accelerators."""
+    if dtype in (None, "auto"):
+        return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+    resolved = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if resolved not in TOLERANCES:
+        raise ValueError(f"--dtype must be float64, float32 or auto; got {dtype!r}")
+    return resolved
+
+
+def compare_logits(
     hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1, ep: int = 1, vpp=None,
     seed: int = 1234, batch: int = 2, seq: int = 16, device="auto", adapter: str = None, hf_device="cpu",
-) -> float:
-    """Max |Megatron - transformers| logits in fp32 at this layout; the same value on every rank.
+    dtype="auto", tolerance=None,
+) -> dict:
+    """Megatron against transformers at this layout, both in ``dtype``; the same dict on every rank:
+    ``max_abs``, ``scale`` (max |reference logit|), ``max_rel`` (max_abs / scale), ``dtype``,
+    ``tolerance``, ``ok`` and, when not ok, ``layers`` (per decoder layer: max |difference| of
+    its output relative to that output's scale) and ``first_diverging_layer`` (or None).
     ``adapter``: an exported adapter directory loaded on both sides. ``hf_device``: where the one
     reference rank runs transformers and compares ("cpu", or "rank" for this rank's device)."""
     import torch.distributed as dist
 
+    from megatron_mole.checkpoint.hf_io import dtype_from_name
     from megatron_mole.checkpoint.mcore import load_model_chunks, read_spec
 
     info = _ensure_layout(tp, pp, ep, vpp, device)
-    vocab = read_spec(mcore_dir)["shapes"]["hf_vocab_size"]
+    compute = resolve_dtype(dtype, info.device)
+    tolerance = TOLERANCES[compute] if tolerance is None else tolerance
+    spec = read_spec(mcore_dir)
+    vocab = spec["shapes"]["hf_vocab_size"]
     generator = torch.Generator().manual_seed(seed)
     tokens_BS = torch.randint(0, vocab, (batch, seq), generator=generator).to(info.device)
-    chunks = load_model_chunks(mcore_dir, params_dtype=torch.float32)
+    chunks = load_model_chunks(mcore_dir, params_dtype=compute)
     if adapter is not None:
         _apply_adapter(chunks, adapter)
-    ours = megatron_logits(chunks, tokens_BS, vocab)
-    diff = torch.zeros(1, dtype=torch.float64, device=info.device)
+    ours_hidden, hf_hidden = {}, {}
+    handles = _megatron_hidden_hooks(chunks, ours_hidden)
+    try:
+        ours = megatron_logits(chunks, tokens_BS, vocab)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stats = torch.zeros(2, dtype=torch.float64, device=info.device)  # max |diff|, max |reference|
     if ours is not None and _is_reference_rank():
         where = info.device if hf_device == "rank" else torch.device(hf_device)
-        reference = hf_logits(hf_dir, tokens_BS.to(where), adapter)
-        diff += (ours.to(where) - reference).abs().max().double().to(info.device)
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    return diff.item()
+        reference = hf_logits(hf_dir, tokens_BS.to(where), adapter, dtype=compute,
+                              narrow_to=dtype_from_name(spec["params_dtype"]), hidden=hf_hidden)
+        stats[0] = (ours.to(where) - reference).abs().max().double().item()
+        stats[1] = reference.abs().max().double().item()
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    max_abs, scale = stats.tolist()
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    result = dict(max_abs=max_abs, scale=scale, max_rel=max_rel, dtype=str(compute).replace("torch.", ""),
+                  tolerance=tolerance, ok=max_rel <= tolerance)
+    if not result["ok"]:
+        result["layers"] = _layer_differences(ours_hidden, hf_hidden)
+        result["first_diverging_layer"] = next(
+            (layer for layer, rel in sorted(result["layers"].items()) if rel > tolerance), None)
+    return result
+
+
+def _layer_differences(ours_hidden, hf_hidden) -> dict:
+    """Relative difference of each decoder layer's output, gathered from the ranks that hold it.
+    Only run when the logits disagree (it moves every layer's hidden states to every rank)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    mine = {}
+    if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+        mine = {layer: torch.cat(parts).cpu() for layer, parts in ours_hidden.items()}
+    reference = {layer: torch.cat(parts).cpu() for layer, parts in hf_hidden.items()}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (mine, reference))
+    ours, theirs = {}, {}
+    for part_ours, part_theirs in gathered:
+        ours.update(part_ours)
+        theirs.update(part_theirs)
+    out = {}
+    for layer in sorted(set(ours) & set(theirs)):
+        scale = theirs[layer].abs().max().item() or 1.0
+        out[layer] = (ours[layer].to(theirs[layer]) - theirs[layer]).abs().max().item() / scale
+    return out
+
+
+def max_logits_difference(
+    hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1, ep: int = 1, vpp=None,
+    seed: int = 1234, batch: int = 2, seq: int = 16, device="auto", adapter: str = None, hf_device="cpu",
+    dtype="auto",
+) -> float:
+    """Max |Megatron - transformers| logits at this layout (:func:`compare_logits`'s ``max_abs``)."""
+    return compare_logits(hf_dir, mcore_dir, tp, pp, ep, vpp, seed, batch, seq, device, adapter, hf_device,
+                          dtype)["max_abs"]
 
 
 def _apply_adapter(chunks, adapter_dir: str) -> None:
@@ -151,22 +300,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1234, help="seed of the random tokens")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE)
+    parser.add_argument("--dtype", default="auto", help="precision both models run in: float64 (default on CPU: "
+                        "separates conversion errors from rounding), float32 (default on GPUs) or auto")
+    parser.add_argument("--tolerance", type=float, default=None, help="max |difference| relative to max |logit| "
+                        "(default 1e-10 in float64, 1e-4 in float32)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--hf-device", default="cpu", help="where the one reference rank runs transformers: "
                         "cpu (default) or rank (that rank's device; faster when the whole model fits it)")
 
 
 def run(args) -> int:
-    diff = max_logits_difference(args.hf, args.mcore, args.tp, args.pp, args.ep, args.vpp,
-                                 seed=args.seed, batch=args.batch, seq=args.seq, device=args.device,
-                                 adapter=args.adapter, hf_device=args.hf_device)
+    result = compare_logits(args.hf, args.mcore, args.tp, args.pp, args.ep, args.vpp, seed=args.seed,
+                            batch=args.batch, seq=args.seq, device=args.device, adapter=args.adapter,
+                            hf_device=args.hf_device, dtype=args.dtype, tolerance=args.tolerance)
     from megatron_mole import runtime
 
-    ok = diff <= args.tolerance
     if runtime.get_runtime().rank == 0:
-        what = "" if args.adapter is None else " (with the adapter)"
-        print(f"max |logits megatron - transformers|{what} = {diff:.3e} at tp={args.tp} pp={args.pp} ep={args.ep} "
-              f"vpp={args.vpp} "
-              f"(tolerance {args.tolerance:.0e}): {'OK' if ok else 'FAILED'}")
-    return 0 if ok else 1
+        print(report(result, args))
+    return 0 if result["ok"] else 1
+
+
+def report(result: dict, args) -> str:
+    what = "" if args.adapter is None else " (with the adapter)"
+    lines = [f"max |logits megatron - transformers|{what} = {result['max_abs']:.3e} at tp={args.tp} pp={args.pp} "
+             f"ep={args.ep} vpp={args.vpp} in {result['dtype']}; relative to the logits' scale "
+             f"{result['scale']:.3g}: {result['max_rel']:.3e} (tolerance {result['tolerance']:.0e}): "
+             f"{'OK' if result['ok'] else 'FAILED'}"]
+    if not result["ok"]:
+        layer = result.get("first_diverging_layer")
+        per_layer = ", ".join(f"{k}: {v:.1e}" for k, v in sorted(result.get("layers", {}).items()))
+        lines.append(f"hidden states first diverge at decoder layer {layer} (relative difference per layer: "
+                     f"{per_layer})" if layer is not None else
+                     f"every decoder layer's output agrees (per layer: {per_layer}): the difference comes "
+                     f"after the last layer (final norm or output layer)")
+    return "\n".join(lines)
