@@ -6,6 +6,7 @@ dtypes, bytes of every tensor) and transformers' own forward pass. All conversio
 the TP1 logits run in one spawned process; the layouts TP2, PP2, EP2 (and MoE at
 TP2 with sequence parallelism) run in one 2-process launch.
 """
+import argparse
 import filecmp
 import json
 import os
@@ -16,7 +17,10 @@ from safetensors import safe_open
 
 from tests._dist import run_distributed
 
-TOLERANCE = 1e-4
+TOLERANCE = 1e-4  # fp32, absolute
+FP64_TOLERANCE = 1e-10  # verify's default on CPU: both models in float64, relative to the logits' scale
+# Converted again by 2 processes in the 2-process launch (tied head, sharded index, stacked experts).
+DIST_CASES = ["llama_tied_head_stored", "qwen2_moe_sharded", "mixtral_fused"]
 
 # ---------------------------------------------------------------------------------------
 # Tiny Hugging Face checkpoints, built locally (no hub). Every case is a transformers config
@@ -128,9 +132,16 @@ def make_hf_model(name: str, directory: str, seed: int = 0) -> str:
 
 
 def _convert_all(root, names):
-    """In one process: build, convert both ways, and compare logits at TP1."""
+    """In one process: build, convert both ways, and compare logits at TP1 (float64, then
+    float32 once); a bf16 conversion of fp32 weights; a corrupted tensor."""
+    import contextlib
+    import io
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     from megatron_mole.checkpoint.convert import hf_to_mcore, mcore_to_hf
-    from megatron_mole.checkpoint.verify import max_logits_difference
+    from megatron_mole.checkpoint import verify
 
     out = {}
     for name in names:
@@ -138,10 +149,26 @@ def _convert_all(root, names):
         make_hf_model(name, hf)
         hf_to_mcore(hf, mcore, dtype=CASES[name][2].get("convert_dtype"))
         mcore_to_hf(mcore, back)
-        out[name] = max_logits_difference(hf, mcore, seq=16)
+        out[name] = verify.compare_logits(hf, mcore, seq=16)["max_rel"]
+    llama_hf, llama_mcore = os.path.join(root, "llama", "hf"), os.path.join(root, "llama", "mcore")
+    out["fp32"] = verify.compare_logits(llama_hf, llama_mcore, seq=16, dtype="float32")
+    # fp32 weights converted to bf16: compared with the transformers model rounded the same way
+    hf_to_mcore(llama_hf, os.path.join(root, "llama_to_bf16"), dtype="bfloat16")
+    out["bf16"] = verify.compare_logits(llama_hf, os.path.join(root, "llama_to_bf16"), seq=16)
+    # one weight of layer 1 off by 1e-3: the CLI fails and names layer 1
+    corrupt = os.path.join(root, "llama_corrupt")
+    shutil.copytree(llama_hf, corrupt)
+    sd = load_file(os.path.join(corrupt, "model.safetensors"))
+    sd["model.layers.1.mlp.down_proj.weight"][3, 5] += 1e-3
+    save_file(sd, os.path.join(corrupt, "model.safetensors"), metadata={"format": "pt"})
+    parser = argparse.ArgumentParser()
+    verify.add_arguments(parser)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = verify.run(parser.parse_args(["--hf", corrupt, "--mcore", llama_mcore, "--seq", "8"]))
+    out["corrupt"] = (status, printed.getvalue(),
+                      verify.compare_logits(corrupt, llama_mcore, seq=8)["first_diverging_layer"])
     return out
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("convert"))
@@ -183,7 +210,18 @@ def test_round_trip_is_bit_exact(converted, name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_tp1_logits_match_transformers(converted, name):
     _, logits = converted
-    assert logits[name] <= TOLERANCE, (name, logits[name])
+    assert logits[name] <= FP64_TOLERANCE, (name, logits[name])
+
+
+def test_verify_fp32_bf16_and_corrupted(converted):
+    _, results = converted
+    fp32 = results["fp32"]
+    assert fp32["dtype"] == "float32" and fp32["ok"] and 0 < fp32["max_rel"] <= 1e-4, fp32
+    # bf16 weights on both sides, float64 compute: as exact as an fp32 conversion
+    assert results["bf16"]["ok"] and results["bf16"]["max_rel"] <= FP64_TOLERANCE, results["bf16"]
+    status, printed, first = results["corrupt"]
+    assert status == 1 and first == 1, (status, first, printed)
+    assert "FAILED" in printed and "first diverge at decoder layer 1" in printed, printed
 
 
 def test_converted_checkpoint_layout(converted):
@@ -229,22 +267,27 @@ LAYOUTS = [
 
 
 def _verify_layouts(root, layouts):
-    import argparse
-
     from megatron_mole.checkpoint import verify
+    from megatron_mole.checkpoint.convert import hf_to_mcore, mcore_to_hf
+
+    # Both directions by 2 processes first (tp=pp=ep=1, each rank converts its share).
+    for name in DIST_CASES:
+        mcore_n2 = os.path.join(root, name, "mcore_n2")
+        hf_to_mcore(os.path.join(root, name, "hf"), mcore_n2)
+        mcore_to_hf(mcore_n2, os.path.join(root, name, "back_n2"))
 
     hf_calls = []  # (device of the tokens) per transformers run on this rank
     real_hf_logits = verify.hf_logits
 
-    def counting_hf_logits(hf_dir, tokens_BS, adapter=None):
+    def counting_hf_logits(hf_dir, tokens_BS, adapter=None, **kwargs):
         hf_calls.append(tokens_BS.device.type)
-        return real_hf_logits(hf_dir, tokens_BS, adapter)
+        return real_hf_logits(hf_dir, tokens_BS, adapter, **kwargs)
 
     verify.hf_logits = counting_hf_logits
     out = []
     for name, tp, pp, ep, *vpp in layouts:
         hf, mcore = os.path.join(root, name, "hf"), os.path.join(root, name, "mcore")
-        out.append(verify.max_logits_difference(hf, mcore, tp=tp, pp=pp, ep=ep, vpp=(vpp or [None])[0], seq=16))
+        out.append(verify.compare_logits(hf, mcore, tp=tp, pp=pp, ep=ep, vpp=(vpp or [None])[0], seq=16)["max_rel"])
     # The CLI path once: exit status 0 under the tolerance.
     parser = argparse.ArgumentParser()
     verify.add_arguments(parser)
@@ -268,6 +311,60 @@ def test_verify_at_tp2_pp2_ep2(converted):
     for rank_result in results:
         *diffs, status, mismatch_status = rank_result
         for layout, diff in zip(LAYOUTS, diffs):
-            assert diff <= TOLERANCE, (layout, diff)
+            assert diff <= FP64_TOLERANCE, (layout, diff)
         assert (status, mismatch_status) == (0, 1)
     assert results[0] == results[1]  # every rank reports the same all-reduced maximum
+
+
+def dist_ckpt_contents(directory):
+    """Every global tensor of a torch_dist checkpoint (read without a process group) and its
+    metadata: global shape, dtype and the chunks it was saved in."""
+    import tempfile
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    metadata = {}
+    for key, meta in FileSystemReader(directory).read_metadata().state_dict_metadata.items():
+        chunks = sorted((tuple(c.offsets), tuple(c.sizes)) for c in getattr(meta, "chunks", []))
+        metadata[key] = (tuple(getattr(meta, "size", ())), str(getattr(getattr(meta, "properties", None), "dtype", None)),
+                         chunks)
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(directory, os.path.join(tmp, "all.pt"))
+        tensors = torch.load(os.path.join(tmp, "all.pt"), weights_only=False)
+    return tensors, metadata
+
+
+def assert_same_dist_ckpt(expected_dir, actual_dir):
+    expected, expected_meta = dist_ckpt_contents(os.path.join(expected_dir, "dist_ckpt"))
+    actual, actual_meta = dist_ckpt_contents(os.path.join(actual_dir, "dist_ckpt"))
+    assert actual_meta == expected_meta
+    assert sorted(actual) == sorted(expected)
+    for key, tensor in expected.items():
+        if isinstance(tensor, torch.Tensor):
+            assert actual[key].dtype == tensor.dtype and actual[key].shape == tensor.shape, key
+            assert torch.equal(actual[key].view(torch.uint8), tensor.view(torch.uint8)), key
+    with open(os.path.join(expected_dir, "mcore_config.json")) as a, open(os.path.join(actual_dir, "mcore_config.json")) as b:
+        assert json.load(a) == json.load(b)
+
+
+def assert_same_hf_files(expected_dir, actual_dir):
+    source, result = _tensors(expected_dir), _tensors(actual_dir)
+    assert sorted(source) == sorted(result)
+    for key, (file, tensor) in source.items():
+        assert result[key][0] == file and result[key][1].dtype == tensor.dtype, key
+        assert torch.equal(result[key][1].view(torch.uint8), tensor.view(torch.uint8)), key
+    names = sorted(n for n in os.listdir(expected_dir) if not n.endswith(".safetensors"))
+    assert names == sorted(n for n in os.listdir(actual_dir) if not n.endswith(".safetensors"))
+    for name in names:  # index, config, tokenizer: byte for byte
+        assert filecmp.cmp(os.path.join(expected_dir, name), os.path.join(actual_dir, name), shallow=False), name
+
+
+def test_two_process_conversion_matches_one_process(converted):
+    """Run by the 2-process launch of test_verify_at_tp2_pp2_ep2 (which must run first)."""
+    root, _ = converted
+    for name in DIST_CASES:
+        if not os.path.exists(os.path.join(root, name, "back_n2")):
+            pytest.skip("the 2-process launch did not run (run the whole file)")
+        assert_same_dist_ckpt(os.path.join(root, name, "mcore"), os.path.join(root, name, "mcore_n2"))
+        assert_same_hf_files(os.path.join(root, name, "hf"), os.path.join(root, name, "back_n2"))

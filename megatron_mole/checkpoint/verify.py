@@ -97,7 +97,9 @@ def hf_logits(hf_dir: str, tokens_BS: torch.Tensor, adapter: str = None, dtype=t
     layer's output [B, S, H] by layer index."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(tokens_BS.device)
+    # torch's grouped matmul (transformers' default for MoE experts) has no float64 kernel.
+    extra = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, **extra).to(tokens_BS.device)
     if narrow_to is not None and narrow_to != dtype:
         with torch.no_grad():
             for param in model.parameters():
@@ -120,13 +122,13 @@ def hf_logits(hf_dir: str, tokens_BS: torch.Tensor, adapter: str = None, dtype=t
 
 
 class _KeepFloat64(TorchFunctionMode):
-    """Inside transformers' forward: a float64 tensor cast to float32 stays float64.
+    """Inside either model's forward: a float64 tensor cast to float32 stays float64.
 
     transformers computes RMSNorm, softmax and MoE routing weights in float32 whatever the
-    model's dtype (``hidden.to(torch.float32)``, ``softmax(..., dtype=torch.float)``); Megatron
-    computes them in the parameters' dtype. Without this the float64 check would measure
-    transformers' float32 rounding (~1e-7 of the logits). Casts of other dtypes (the rotary
-    frequencies, float32 on both sides) are left alone.
+    model's dtype (``hidden.to(torch.float32)``, ``softmax(..., dtype=torch.float)``), Megatron
+    its router scores. Without this the float64 check would measure that float32 rounding
+    (~1e-8..1e-7 of the logits). Casts of other dtypes (the rotary frequencies, float32 on
+    both sides) are left alone.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -222,7 +224,8 @@ def compare_logits(
     ours_hidden, hf_hidden = {}, {}
     handles = _megatron_hidden_hooks(chunks, ours_hidden)
     try:
-        ours = megatron_logits(chunks, tokens_BS, vocab)
+        with _KeepFloat64() if compute == torch.float64 else contextlib.nullcontext():
+            ours = megatron_logits(chunks, tokens_BS, vocab)
     finally:
         for handle in handles:
             handle.remove()
