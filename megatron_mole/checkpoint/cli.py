@@ -1,12 +1,14 @@
 """`megatron-mole convert hf-to-mcore | mcore-to-hf`: base checkpoint conversion.
 
-Runs in one CPU process (no torchrun needed). Errors about the input (a missing or
+Runs in one CPU process, or under ``torchrun --nproc-per-node N`` where each process
+converts and writes its share of the tensors (same output; rank 0 prints). Errors about the input (a missing or
 truncated shard, a tensor of the wrong shape, an unknown architecture, an existing
 output directory) are printed as one line naming the file or tensor, exit status 2.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -47,6 +49,8 @@ def run(args) -> int:
     except (CheckpointError, UnsupportedModelError, FileExistsError, ValueError) as err:
         print(f"megatron-mole convert {args.direction}: error: {err}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(f"{args.direction}: {spec['architecture']} ({spec['params_dtype']}, "
           f"{spec['transformer']['num_layers']} layers) -> {args.out} in {time.perf_counter() - start:.1f}s")
     return 0

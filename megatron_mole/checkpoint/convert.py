@@ -1,20 +1,27 @@
 """Converters Hugging Face <-> Megatron-core distributed checkpoints, exact in both directions.
 
-``hf_to_mcore`` builds Megatron's GPTModel at TP1/PP1/EP1 in one CPU process as the
-output buffer, validates every Hugging Face tensor's shape and dtype from the safetensors
-headers before reading any data, then streams: one rule instance (a layer's q/k/v, an
-expert's gate/up) is read, transformed and copied into the model at a time, so memory
-holds the model plus about one layer. ``dist_checkpointing.save`` then writes torch_dist,
-which ``load_model`` reshards to any TP/PP/EP.
+``hf_to_mcore`` builds Megatron's GPTModel at TP1/PP1/EP1 on the meta device: a template
+that names every tensor, its global shape and how torch_dist stores it, with no memory
+behind it. Every Hugging Face tensor's shape and dtype is validated from the safetensors
+headers before any data is read. The rule instances (a layer's q/k/v, an expert's gate/up)
+are then split into contiguous runs of about equal bytes, one per process (one process
+without torchrun: all of them); each process reads only the byte ranges of its own HF
+tensors, builds its Megatron tensors, and passes just those to
+``dist_checkpointing.save`` marked as their main replica (``replica_id`` 0), so each is
+written exactly once and the saved checkpoint - global tensors, their chunks - is the
+same whatever the number of processes. Memory per process: its share plus about one layer.
+``load_model`` reshards the result to any TP/PP/EP.
 
 ``mcore_to_hf`` writes back exactly what was read: the same keys in the same files, each
 tensor in the dtype it had, the original index metadata, and the config/tokenizer files
-byte for byte. It streams too: the (never initialised, so never resident) model only
-describes the checkpoint; each output file loads just the Megatron tensors it needs, so
-memory holds about one output shard in both forms.
+byte for byte. It streams too: each output file loads just the Megatron tensors it needs,
+so memory holds about one output shard in both forms; under torchrun the files are shared
+out among the processes (a model in one file is written by one process).
 
 Both write into a temporary directory next to the output and rename it into place only
-when complete; on any error nothing is left behind.
+when complete (rank 0 does that after every rank has written); on any error nothing is
+left behind. Errors about the input are found from the headers alone, identically on
+every rank, before any collective call.
 """
 from __future__ import annotations
 
