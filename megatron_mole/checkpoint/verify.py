@@ -14,7 +14,8 @@ above the tolerance.
 Precision (``--dtype``): both models run in float64 by default on CPU, so a conversion
 error (any wrong bit of a weight moves the logits by far more than 1e-10 of their scale)
 is told apart from fp32 accumulation-order noise (~1e-5 of the scale on a 30-layer model);
-float32 is the default on GPUs. The check is relative: max |difference| / max |reference
+float32 is the default on GPUs and with ``--adapter`` (the MoLE routers compute in float32
+by design). The check is relative: max |difference| / max |reference
 logit| against 1e-10 (float64) or 1e-4 (float32). Both models hold the same weights: the
 Hugging Face ones are rounded to the dtype the Megatron checkpoint records (a bf16
 conversion of fp32 weights is compared with the same bf16 weights), then widened. When
@@ -185,10 +186,11 @@ def _ensure_layout(tp, pp, ep, vpp, device):
     return info
 
 
-def resolve_dtype(dtype, device) -> torch.dtype:
-    """``auto``: float64 where it is cheap (CPU), float32 on accelerators."""
+def resolve_dtype(dtype, device, adapter=None) -> torch.dtype:
+    """``auto``: float64 where it is cheap (CPU), float32 on accelerators and with an adapter
+    (the MoLE routers compute in float32 by design, so float64 would mix dtypes)."""
     if dtype in (None, "auto"):
-        return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+        return torch.float64 if torch.device(device).type == "cpu" and adapter is None else torch.float32
     resolved = getattr(torch, str(dtype).replace("torch.", ""), None)
     if resolved not in TOLERANCES:
         raise ValueError(f"--dtype must be float64, float32 or auto; got {dtype!r}")
@@ -212,7 +214,7 @@ def compare_logits(
     from megatron_mole.checkpoint.mcore import load_model_chunks, read_spec
 
     info = _ensure_layout(tp, pp, ep, vpp, device)
-    compute = resolve_dtype(dtype, info.device)
+    compute = resolve_dtype(dtype, info.device, adapter)
     tolerance = TOLERANCES[compute] if tolerance is None else tolerance
     spec = read_spec(mcore_dir)
     vocab = spec["shapes"]["hf_vocab_size"]
