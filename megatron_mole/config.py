@@ -2,7 +2,8 @@
 
 Validated in ``__post_init__``; every error names the field and the offending
 value. Router names are checked against the registry in ``megatron_mole.routing``
-so a router added there is accepted here without touching this file;
+and methods against the one in ``megatron_mole.layers`` (layers/specs.py), so a
+router or method registered there is accepted here without touching this file;
 router-specific settings travel in ``router_args``.
 
 Target patterns (``targets``) are matched against each module's dotted path with
@@ -23,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 EXPERT_SCOPES = ("mlp", "linear")
-METHODS = ("mole",)
 LORA_B_INITS = ("zeros", "random")
 DISPATCH_MODES = ("auto", "local", "alltoall", "replicated")
 
@@ -55,6 +55,7 @@ class MoLEConfig:
 
     def __post_init__(self):
         from megatron_mole.experts.grouped import GROUPED_MM_BACKENDS
+        from megatron_mole.layers import METHODS
         from megatron_mole.routing import ROUTERS
 
         def need(ok, name, what):
@@ -73,7 +74,7 @@ class MoLEConfig:
              "must be in [0, 1)")
         need(self.router in ROUTERS, "router", f"unknown router; known: {sorted(ROUTERS)}")
         need(isinstance(self.router_args, dict), "router_args", "must be a dict")
-        need(self.method in METHODS, "method", f"must be one of {METHODS}")
+        need(self.method in METHODS, "method", f"unknown method; known: {sorted(METHODS)}")
         need(self.expert_scope in EXPERT_SCOPES, "expert_scope", f"must be one of {EXPERT_SCOPES}")
         need(self.lora_b_init in LORA_B_INITS, "lora_b_init", f"must be one of {LORA_B_INITS}")
         need(self.grouped_mm_backend in GROUPED_MM_BACKENDS, "grouped_mm_backend",

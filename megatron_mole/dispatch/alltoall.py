@@ -136,15 +136,19 @@ class AllToAllDispatcher:
         )
         return position < capacity
 
-    def permute(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gates_TK: Optional[torch.Tensor] = None):
+    def permute(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gates_TK: Optional[torch.Tensor] = None,
+                valid_TK: Optional[torch.Tensor] = None):
         """-> (x_SD, gates_S or None, plan): rows for this rank's experts, by local expert.
 
         ``gates_TK`` may carry channels ([T, K, C]; capacity drops rank by channel 0):
-        they reach the expert rank as ``gates_S`` [S, C]."""
+        they reach the expert rank as ``gates_S`` [S, C]. ``valid_TK`` False: an
+        unused slot (variable experts per token), never sent, adds 0."""
         num_tokens, top_k = expert_idx_TK.shape
         if x_TD.shape[0] != num_tokens:
             raise ValueError(f"permute: x_TD has {x_TD.shape[0]} rows, expert_idx_TK {num_tokens}")
         expert_A = expert_idx_TK.t().reshape(-1)  # slot-major flat j*T + t
+        if valid_TK is not None:  # unused slots sort past every expert, like dropped ones
+            expert_A = torch.where(valid_TK.t().reshape(-1), expert_A, torch.full_like(expert_A, self.num_experts))
         kept_A = None
         if self.capacity_factor is not None and gates_TK is not None:
             first_channel_TK = gates_TK if gates_TK.dim() == 2 else gates_TK[..., 0]

@@ -44,6 +44,12 @@ class NoParallel:
     def reduce_logits(self):
         return None
 
+    def dropout(self, x, p: float, training: bool):
+        """Dropout on the adapter input (identical on TP ranks holding the same input)."""
+        if p == 0 or not training:
+            return x
+        return torch.nn.functional.dropout(x, p, training=True)
+
     def output_is_local(self):
         """True when adapter_output is the identity (the adapter's rows are the
         base output's rows)."""
@@ -133,6 +139,16 @@ class TPPlacement(NoParallel):
             return t
         from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
         return copy_to_tensor_model_parallel_region(t, group=self.group)
+
+    def dropout(self, x, p: float, training: bool):
+        """A TP-sharded input (row-parallel base) draws its mask from Megatron's
+        model-parallel RNG stream; a replicated input from the default stream,
+        identical on the TP ranks."""
+        if p == 0 or not training or not (self.kind == "row" and self.tp_size > 1):
+            return super().dropout(x, p, training)
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+        with get_cuda_rng_tracker().fork():
+            return torch.nn.functional.dropout(x, p, training=True)
 
     def adapter_output(self, y):
         if self.kind == "row" and self.sequence_parallel and self.tp_size > 1:

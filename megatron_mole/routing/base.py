@@ -1,10 +1,29 @@
-"""Router base class, the routing result and the registry.
+"""The routing contract: routers (a registry by name), their context and their result.
+
+A router maps token features ``x_TD`` plus a :class:`RoutingContext` to a
+:class:`Routing`: for every token a *variable* number of (expert, gate) pairs,
+given as ``expert_idx_TK`` / ``gates_TK`` of a fixed width K with a validity
+mask ``valid_TK`` (None: every slot is used). Slot 0 is always valid (every
+token reaches at least one expert); a router that picks fewer than K experts
+for a token marks the unused slots invalid, and dispatch, grouped compute and
+combine skip them (forward and backward, local and all-to-all), so a token
+costs the expert rows it uses, not K.
+
+A router owns its parameters (:meth:`Router.tensor_specs` lists them: a router
+with several matrices needs no edit elsewhere: export, TP placement, init and
+the memory estimate read that list), its named auxiliary losses
+(``Routing.aux_losses``: scaled, carrying gradient) and its statistics
+(``Routing.stats``: detached).
+
+Plain PyTorch, no Megatron import: the Hugging Face inference modules in
+``megatron_mole.hf`` use these very classes. Tensor-parallel plumbing reaches
+the router as a ``reduce_logits`` function so routing stays layout-agnostic.
 
 Legend: T tokens, D router input features (local shard under a row-parallel
-base), E experts, K = top_k.
+base), E experts, K slots per token.
 """
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,27 +42,83 @@ def register_router(name: str):
 
 
 @dataclass
+class RoutingContext:
+    """What a router may know about the tokens beyond their features.
+
+    Rows are s-major (Megatron's [s, b] layout flattened: row = s_idx * batch +
+    b_idx). ``mask_T``: True for real tokens (padding is left out of losses and
+    statistics). ``segment_ids_T``: packed-sequence ids (0 = padding).
+    ``layer``: the global 0-based layer number. ``condition``: a tensor supplied
+    by the model (``megatron_mole.layers.context``) for context-conditioned
+    routers.
+    """
+    layer: Optional[int] = None
+    training: bool = False
+    seq_len: Optional[int] = None
+    batch: Optional[int] = None
+    mask_T: Optional[torch.Tensor] = None
+    segment_ids_T: Optional[torch.Tensor] = None
+    condition: Optional[torch.Tensor] = None
+
+
+@dataclass
 class Routing:
     """What a router decided for T tokens.
 
-    ``expert_idx_TK`` int64 chosen experts; ``gates_TK`` fp32 weights of the
-    chosen experts; ``probs_TE`` / ``logits_TE`` fp32; ``aux_loss`` the scaled
-    sum of the auxiliary losses (a 0-dim tensor carrying grad to the router) and
-    ``stats`` its detached unscaled parts for logging.
+    ``expert_idx_TK`` int64 experts; ``gates_TK`` fp32 weights of the chosen
+    experts; ``valid_TK`` bool (None: all slots used; slot 0 always valid);
+    ``probs_TE`` / ``logits_TE`` fp32; ``aux_losses`` named scaled losses (0-dim
+    tensors carrying grad to the router); ``stats`` detached values for logging;
+    ``mask_T`` the padding mask the router used.
     """
     expert_idx_TK: torch.Tensor
     gates_TK: torch.Tensor
     probs_TE: torch.Tensor
     logits_TE: torch.Tensor
-    aux_loss: Optional[torch.Tensor] = None
+    valid_TK: Optional[torch.Tensor] = None
+    aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     stats: Dict[str, torch.Tensor] = field(default_factory=dict)
+    mask_T: Optional[torch.Tensor] = None
+
+    @property
+    def aux_loss(self) -> Optional[torch.Tensor]:
+        """Sum of the named auxiliary losses (None when there are none)."""
+        total = None
+        for value in self.aux_losses.values():
+            total = value if total is None else total + value
+        return total
+
+    def masked_gates(self) -> torch.Tensor:
+        """``gates_TK`` with unused slots at 0."""
+        if self.valid_TK is None:
+            return self.gates_TK
+        return self.gates_TK * self.valid_TK.to(self.gates_TK.dtype)
+
+    def renormalised_gates(self) -> torch.Tensor:
+        """The used gates of each token rescaled to sum 1 (unused slots 0)."""
+        gates_TK = self.masked_gates()
+        return gates_TK / gates_TK.sum(-1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class RouterTensor:
+    """One router parameter: ``name`` below ``router.``, its full shape, the dim
+    holding the input features (split like the input under a row-parallel
+    base; None: not input-sized), its init (experts/init.py kinds) and fan-in."""
+    name: str
+    shape: Tuple[int, ...]
+    in_dim: Optional[int]
+    init: str = "kaiming"
+    fan_in: int = 0
 
 
 class Router(nn.Module):
-    """A linear fp32 gate ``W_g`` of shape [E, D] (no bias) plus a selection rule.
+    """Base router: fp32 parameters from :meth:`tensor_specs` plus a selection rule.
 
-    ``weight`` is created in fp32 whatever the model dtype: routing decisions
-    are taken in fp32 so that they do not flip with the compute precision.
+    The default parameters are one linear gate ``weight`` [E, D] (no bias).
+    Parameters are fp32 whatever the model dtype, and :meth:`logits` computes in
+    fp32 from an fp32 view of them, so routing decisions do not flip with the
+    compute precision (also when a model is cast to bf16 after loading).
     """
 
     registry_name = "?"
@@ -53,8 +128,15 @@ class Router(nn.Module):
         self.cfg = cfg
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
-        self.weight = nn.Parameter(torch.zeros(cfg.num_experts, in_features, dtype=torch.float32,
-                                               device=device))
+        self.in_features = in_features
+        for t in self.tensor_specs(in_features, cfg):
+            self.register_parameter(t.name, nn.Parameter(
+                torch.zeros(t.shape, dtype=torch.float32, device=device)))
+
+    @classmethod
+    def tensor_specs(cls, in_features: int, cfg) -> List[RouterTensor]:
+        """The router's parameters (full shapes; ``in_features`` full too)."""
+        return [RouterTensor("weight", (cfg.num_experts, in_features), in_dim=1, fan_in=in_features)]
 
     @classmethod
     def check_args(cls, router_args: dict, cfg) -> None:
@@ -63,14 +145,18 @@ class Router(nn.Module):
             raise ValueError(f"MoLEConfig.router_args={router_args!r}: router {cls.registry_name!r} "
                              f"takes no arguments")
 
-    def logits(self, x_TD: torch.Tensor, reduce_logits: Optional[Callable] = None) -> torch.Tensor:
-        logits_TE = torch.nn.functional.linear(x_TD.float(), self.weight)
-        # Under a row-parallel base each rank holds a slice of D: the partial
-        # logits are summed over tensor-parallel ranks by the caller's function.
-        return reduce_logits(logits_TE) if reduce_logits is not None else logits_TE
+    def linear_logits(self, x_TD: torch.Tensor, weight: torch.Tensor,
+                      reduce_logits: Optional[Callable] = None) -> torch.Tensor:
+        """fp32 ``x W^T``; under a row-parallel base each rank holds a slice of D
+        and the caller's ``reduce_logits`` sums the partial logits over TP."""
+        logits = torch.nn.functional.linear(x_TD.float(), weight.float())
+        return reduce_logits(logits) if reduce_logits is not None else logits
 
-    def forward(self, x_TD, reduce_logits=None, mask_T=None) -> Routing:  # pragma: no cover
-        raise NotImplementedError
+    def logits(self, x_TD: torch.Tensor, reduce_logits: Optional[Callable] = None) -> torch.Tensor:
+        return self.linear_logits(x_TD, self.weight, reduce_logits)
+
+    def forward(self, x_TD, ctx: Optional[RoutingContext] = None, reduce_logits=None) -> Routing:
+        raise NotImplementedError  # pragma: no cover
 
 
 def build_router(in_features: int, cfg, device=None) -> Router:
