@@ -2,7 +2,7 @@
 
 One 4-process launch runs every layout: EP1, EP2 and EP4 at TP1 (DP4), and
 EP2 x TP2 with and without SP (DP2; scope "mlp" then splits the dispatch over
-the TP ranks that hold the same tokens, layers/tp_split.py), with the same
+the TP ranks that hold the same tokens, dispatch/tp_split.py), with the same
 global batch split over the data-parallel ranks (one sequence per micro-batch,
 so the routers' balance losses see the same tokens everywhere) and gradients reduced by Megatron's DDP (expert params
 over the expert-data-parallel group, the rest over data-parallel). Both expert

@@ -229,6 +229,21 @@ def _parity(_):
             set_aux_loss_scale(dp / 2)
             out[(scope, str(layout))] = _models.train(model, config, batches, lr=0.5)
     set_aux_loss_scale(None)
+    # the routing context: scope "linear" routers see the model's padding mask and their layer
+    set_model_parallel(tp=1, ep=1)
+    model, _ = _models.build_gpt()
+    mm.apply_mole(model, mm.MoLEConfig(num_experts=4, expert_scope="linear", router="test_threshold",
+                                       targets=["linear_qkv", "linear_fc2"]))
+    seen = []
+    for module in model.modules():
+        if isinstance(module, ThresholdRouter):
+            module.register_forward_hook(lambda m, args, routing: seen.append(
+                (args[1].layer, int(args[1].mask_T.sum()), routing.mask_T.shape[0])))
+    tokens = batches[0][:1, :-1]
+    padding = torch.zeros_like(tokens, dtype=torch.bool)
+    padding[:, -5:] = True
+    model(tokens, torch.arange(tokens.shape[1])[None], None, padding_mask=padding)
+    out["seen"] = sorted(seen)
     return out
 
 
@@ -240,6 +255,8 @@ def test_variable_router_trains_alike_at_ep1_ep2_tp2():
         for layout in LAYOUTS[1:]:
             got = res[(scope, str(layout))]
             assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(ref, got)), (scope, layout, ref, got)
+    seq = res["seen"][0][2]
+    assert res["seen"] == sorted([(layer, seq - 5, seq) for layer in (0, 1) for _ in range(2)]), res["seen"]
 
 
 # ---------------------------------------------------------------- export, transformers, memory

@@ -54,9 +54,13 @@ class RouterLoadMonitor:
         def count(module, args, kwargs, routing):
             expert_idx_TK = routing.expert_idx_TK.detach()
             weight_TK = None
-            mask_T = kwargs.get("mask_T")
-            if mask_T is not None:
-                weight_TK = mask_T.reshape(-1, 1).to(torch.float32).expand_as(expert_idx_TK).reshape(-1)
+            if routing.mask_T is not None:  # padding tokens are not load
+                weight_TK = routing.mask_T.reshape(-1, 1).to(torch.float32).expand_as(expert_idx_TK)
+            if routing.valid_TK is not None:  # nor are the unused slots of a variable router
+                valid_TK = routing.valid_TK.to(torch.float32)
+                weight_TK = valid_TK if weight_TK is None else weight_TK * valid_TK
+            if weight_TK is not None:
+                weight_TK = weight_TK.reshape(-1)
             counts_E = torch.bincount(expert_idx_TK.reshape(-1), weights=weight_TK, minlength=num_experts)
             previous = self.counts.get(layer)
             self.counts[layer] = counts_E.float() if previous is None else previous + counts_E.float()

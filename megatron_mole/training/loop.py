@@ -22,7 +22,7 @@ Notable:
   scaling Megatron's schedules give its own MoE aux losses: the routers get the
   gradient of (main loss + mean over micro-batches and DP ranks of the aux losses).
 - **Expert parallelism**: ``parallel.ep`` shards the LoRA experts over the EP group
-  (``mole.dispatch: alltoall``; layers/expert_parallel.py); a dense base is built with
+  (``mole.dispatch: alltoall``; dispatch/sharding.py); a dense base is built with
   Megatron's EP size 1 (Megatron refuses EP without MoE layers). Expert params
   (``allreduce=False``) get their own chained optimizer over the expert-data-parallel group.
 - **Padding** is passed to the model as ``padding_mask`` so routers leave it out of
