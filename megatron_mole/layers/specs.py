@@ -140,12 +140,17 @@ class AdapterKind:
         return per
 
 
-def register_adapter_kind(cls):
-    kind = cls()
-    if kind.name in ADAPTER_KINDS:
-        raise ValueError(f"adapter kind {kind.name!r} is already registered")
-    ADAPTER_KINDS[kind.name] = kind
+def _register(registry: dict, what: str, cls):
+    instance = cls()
+    if instance.name in registry:
+        raise ValueError(f"{what} {instance.name!r} is already registered")
+    registry[instance.name] = instance
     return cls
+
+
+def register_adapter_kind(cls):
+    """Class decorator: register an AdapterKind (by its ``name``)."""
+    return _register(ADAPTER_KINDS, "adapter kind", cls)
 
 
 class Method:
@@ -165,11 +170,8 @@ class Method:
 
 
 def register_method(cls):
-    method = cls()
-    if method.name in METHODS:
-        raise ValueError(f"method {method.name!r} is already registered")
-    METHODS[method.name] = method
-    return cls
+    """Class decorator: register a Method (by its ``name``)."""
+    return _register(METHODS, "method", cls)
 
 
 def kind_of(name: str) -> AdapterKind:
