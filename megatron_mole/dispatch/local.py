@@ -10,7 +10,8 @@ uses to run the frozen MLP once per token in sorted order and to un-permute
 once at the output (layers/mole_mlp.py).
 
 One code path for every K (K = E included), no per-expert masks: one argsort,
-one bincount (the only host sync: segment sizes), one gather in, one gather
+one search for the group sizes and one device -> host transfer of them (the
+only host sync: segment sizes), one gather in, one gather
 (by the inverse permutation) plus a sum over K out, or one scatter-add onto an
 existing output (``combine_add``). An expert with no tokens is
 simply an empty group. A router may use fewer than K slots for a token
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
+
+from megatron_mole.dispatch.alltoall import group_counts
 
 
 @dataclass
@@ -81,7 +84,7 @@ class LocalDispatcher:
             key_KT = torch.where(valid_TK.t(), key_KT, torch.full_like(key_KT, num_groups))
         key_S = key_KT.reshape(-1)
         order_S = torch.argsort(key_S, stable=True)
-        counts_G = torch.bincount(key_S, minlength=num_groups + 1)[:num_groups].tolist()
+        counts_G = group_counts(key_S.index_select(0, order_S), num_groups).tolist()  # the one host sync
         num_rows = sum(counts_G) if valid_TK is not None else order_S.numel()
         row_of_S = torch.empty_like(order_S)
         row_of_S[order_S] = torch.arange(order_S.numel(), device=order_S.device).clamp_(max=num_rows)

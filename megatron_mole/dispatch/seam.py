@@ -72,10 +72,12 @@ class ExpertDispatch:
             x_TD, gates = self.split.take_chunk(x_TD), self.split.take_chunk(gates)
             idx_TK = idx_TK[start:stop]
             valid_TK = None if valid_TK is None else valid_TK[start:stop]
-        x_SD, gates_S, plan = self.inner.permute(x_TD, idx_TK, gates, valid_TK)
-        counts, undo = plan.counts_G, None
-        if self.split is not None:  # every TP peer of the expert runs its shard on all their rows
-            (x_SD, gates_S), counts, undo = self.split.gather_rows(counts, x_SD, gates_S)
+        if self.split is None:
+            x_SD, gates_S, plan = self.inner.permute(x_TD, idx_TK, gates, valid_TK)
+            return x_SD, gates_S, DispatchHandle(plan, plan.counts_G, num_tokens)
+        x_SD, gates_S, plan = self.inner.permute(x_TD, idx_TK, gates, valid_TK, tp_group=self.split.group)
+        # every TP peer of the expert runs its shard on all their rows
+        (x_SD, gates_S), counts, undo = self.split.gather_rows(plan.peer_counts, x_SD, gates_S)
         return x_SD, gates_S, DispatchHandle(plan, counts, num_tokens, undo)
 
     def combine(self, y_SD: torch.Tensor, handle: DispatchHandle, into: Optional[torch.Tensor] = None):

@@ -59,9 +59,11 @@ class RouterLoadMonitor:
             if routing.valid_TK is not None:  # nor are the unused slots of a variable router
                 valid_TK = routing.valid_TK.to(torch.float32)
                 weight_TK = valid_TK if weight_TK is None else weight_TK * valid_TK
-            if weight_TK is not None:
-                weight_TK = weight_TK.reshape(-1)
-            counts_E = torch.bincount(expert_idx_TK.reshape(-1), weights=weight_TK, minlength=num_experts)
+            ones = torch.ones(expert_idx_TK.numel(), dtype=torch.float32, device=expert_idx_TK.device)
+            weight = ones if weight_TK is None else weight_TK.reshape(-1)
+            # index_add, not bincount: bincount syncs with the host on GPUs
+            counts_E = torch.zeros(num_experts, dtype=torch.float32, device=expert_idx_TK.device)
+            counts_E.index_add_(0, expert_idx_TK.reshape(-1), weight)
             previous = self.counts.get(layer)
             self.counts[layer] = counts_E.float() if previous is None else previous + counts_E.float()
         return count
