@@ -18,6 +18,8 @@ the expert block from experts/. The gate multiplies the r-dim activation
 
 Legend: T tokens, S sorted rows, E experts, R rank, I in (local), O out (local).
 """
+import torch
+
 from megatron_mole.dispatch.seam import build_dispatch
 from megatron_mole.dispatch.sharding import expert_sharding
 from megatron_mole.experts import LoRA, LoRAExperts
@@ -51,6 +53,8 @@ class LinearAdapter(AdapterWrapper):
         return self.place
 
     def forward(self, x, *args, **kwargs):
+        if not args and not kwargs and self.place.shares_sp_collectives(self.base):
+            return self._forward_sharing_sp_collectives(x)
         res = self.base(x, *args, **kwargs)
         # Megatron linears return (output, bias); a plain nn.Linear a tensor.
         out, bias = res if isinstance(res, tuple) else (res, None)
@@ -67,6 +71,29 @@ class LinearAdapter(AdapterWrapper):
             out = out + y.to(out.dtype)
         out = attach_aux_loss(out, aux)
         return (out, bias) if isinstance(res, tuple) else out
+
+    def _forward_sharing_sp_collectives(self, x):
+        """Sequence parallelism on a frozen Megatron linear: the frozen matmul runs
+        here so that base and adapter share one all-gather (column) or one
+        reduce-scatter (row) each way (layers/parallel.py)."""
+        base, place = self.base, self.place
+        skip_bias_add = getattr(base, "skip_bias_add", False)
+        bias = None if skip_bias_add else base.bias
+        if place.kind == "column":
+            x_full, x_adapter = place.gather_shared(x)
+            out = torch.nn.functional.linear(x_full, base.weight, bias)
+            ctx = routing_context(x_full.shape, self.layer_number, self.training)
+            y_TO, aux = self.delta(x_adapter.reshape(-1, x_adapter.shape[-1]), ctx,
+                                   into_TO=out.reshape(-1, out.shape[-1]))
+            out = y_TO.view_as(out)
+        else:
+            ctx = routing_context(x.shape, self.layer_number, self.training)
+            y_TO, aux = self.delta(x.reshape(-1, x.shape[-1]), ctx)
+            partial = torch.nn.functional.linear(x, base.weight)
+            out = place.reduce_scatter_shared(partial, y_TO.view(*x.shape[:-1], y_TO.shape[-1]))
+            if bias is not None:
+                out = out + bias
+        return attach_aux_loss(out, aux), (base.bias if skip_bias_add else None)
 
     def delta(self, x_TI, ctx, into_TO=None):  # pragma: no cover
         raise NotImplementedError

@@ -122,14 +122,25 @@ class MoLEMLP(AdapterWrapper):
     def forward(self, x, per_token_scale=None, padding_mask=None, **kwargs):
         if per_token_scale is not None:
             raise NotImplementedError("MoLEMLP: per_token_scale (MoE expert MLPs) is not supported")
-        x_full = self.place1.adapter_input(x)
+        # Sequence parallelism, local experts, frozen Megatron linears: the MLP moves what
+        # Megatron's MLP moves (one all-gather in, one reduce-scatter out; layers/parallel.py)
+        shared = (self.dispatch.local and self.place1.shares_sp_collectives(self.base.linear_fc1)
+                  and self.place2.shares_sp_collectives(self.base.linear_fc2))
+        if shared:
+            x_full, x_route = self.place1.gather_shared(x)
+        else:
+            x_full = x_route = self.place1.adapter_input(x)
         seq, batch, hidden = x_full.shape
         ctx = routing_context(x_full.shape, self.layer_number, self.training, padding_mask)
-        x_TH = x_full.reshape(-1, hidden)
-        routing = self.router(x_TH, ctx)
+        routing = self.router(x_route.reshape(-1, hidden), ctx)
         AUX_LOSS_TRACKER.record(self.adapter_prefix, routing.stats)
-        y_TH = self.mixture(x_TH, routing) if self.dispatch.local else self.expert_side_mixture(x_TH, routing)
-        out = self.place2.adapter_output(y_TH.view(seq, batch, y_TH.shape[-1]))
+        x_TH = x_full.reshape(-1, hidden)
+        if self.dispatch.local:
+            y_TH = self.mixture(x_TH, routing, shared)
+        else:
+            y_TH = self.expert_side_mixture(x_TH, routing)
+        y = y_TH.view(seq, batch, y_TH.shape[-1])
+        out = self.place2.reduce_scatter_shared(y) if shared else self.place2.adapter_output(y)
         fc2 = self.base.linear_fc2
         skip_bias_add = getattr(fc2, "skip_bias_add", False)
         bias = fc2.bias if skip_bias_add else None
@@ -140,11 +151,14 @@ class MoLEMLP(AdapterWrapper):
     def _lora(self, experts, rows, p_S, counts, place):
         return experts.block(rows, p_S * self.cfg.scaling, counts, place, self.cfg.dropout, self.training)
 
-    def mixture(self, x_TH, routing):
-        """Every expert on this rank: the fused sorted-rows path (module docstring)."""
+    def mixture(self, x_TH, routing, shared: bool = False):
+        """Every expert on this rank: the fused sorted-rows path (module docstring).
+        ``shared``: the SP collectives are shared with the frozen base; then the
+        output rows are partial sums over TP (the caller reduce-scatters them)."""
         p1, p2 = self.place1, self.place2
         fc1, fc2 = self.base.linear_fc1, self.base.linear_fc2
         x_SH, p_S, handle = self.dispatch.permute(x_TH, routing)
+        x_adapter_SH = p1.scale_shared_grad(x_SH) if shared else x_SH
         plan, counts = handle.plan, handle.counts
         T, sizes = plan.num_tokens, plan.block_sizes
         if sizes[0] != T:
@@ -154,7 +168,8 @@ class MoLEMLP(AdapterWrapper):
 
         # frozen fc1 once per token, on block 0 (all tokens, expert-sorted)
         x0_TH = torch.split(x_SH, [T, extra])[0] if extra else x_SH
-        base1_TF1 = F.linear(p1.replicated(x0_TH), fc1.weight)
+        # (shared: the input's gradient may stay partial, the reduce-scatter sums it)
+        base1_TF1 = F.linear(x0_TH if shared else p1.replicated(x0_TH), fc1.weight)
         if fc1.bias is not None:
             base1_TF1 = base1_TF1 + fc1.bias
         rest = plan.block0_position(torch.arange(T, T + extra, device=x_SH.device)) if extra else None
@@ -165,7 +180,7 @@ class MoLEMLP(AdapterWrapper):
 
         hbar_TF = None
         if self.fc1 is not None:
-            delta_SF1 = self._lora(self.fc1, x_SH, p_S, counts, p1)
+            delta_SF1 = self._lora(self.fc1, x_adapter_SH, p_S, counts, p1)
         if self.fc1 is not None and self.swiglu and T > 0:  # (split(0) refuses an empty batch)
             h_SF, hbar_TF = swiglu_mixture(base1_TF1, delta_SF1, g_S, plan)
         else:  # generic activation: the same math composed by autograd
@@ -179,9 +194,14 @@ class MoLEMLP(AdapterWrapper):
             hbar_TF, y2_TH = h_SF, y2_SH
         else:
             y2_TH = None if y2_SH is None else _fold_into_block0(y2_SH, T, rest)
-        out_TH = p2.after_down(F.linear(hbar_TF, fc2.weight))
-        if y2_TH is not None:
-            out_TH = out_TH + y2_TH
+        out_TH = F.linear(hbar_TF, fc2.weight)
+        if shared:  # partial rows; the complete adapter rows enter the reduce-scatter once
+            if y2_TH is not None:
+                out_TH = out_TH + p2.share_into_partial(y2_TH)
+        else:
+            out_TH = p2.after_down(out_TH)
+            if y2_TH is not None:
+                out_TH = out_TH + y2_TH
         return plan.unpermute_block0(out_TH)  # block-0 rows -> token order, once
 
     def expert_side_mixture(self, x_TH, routing):
