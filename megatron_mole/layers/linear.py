@@ -134,7 +134,7 @@ class MoLELinear(LinearAdapter):
 
     def delta(self, x_TI, ctx, into_TO=None):
         routing = self.router(x_TI, ctx, reduce_logits=self.place.reduce_logits())
-        AUX_LOSS_TRACKER.record(self.adapter_prefix, routing.stats)
+        AUX_LOSS_TRACKER.record(self.adapter_prefix, routing.logged_stats())
         x_TI = self.place.dropout(x_TI, self.cfg.dropout, self.training)
         x_SI, gates_S, handle = self.dispatch.permute(x_TI, routing)
         y_SO = self.mole.block(x_SI, gates_S * self.cfg.scaling, handle.counts, self.place, 0.0, self.training)

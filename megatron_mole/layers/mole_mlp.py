@@ -133,7 +133,7 @@ class MoLEMLP(AdapterWrapper):
         seq, batch, hidden = x_full.shape
         ctx = routing_context(x_full.shape, self.layer_number, self.training, padding_mask)
         routing = self.router(x_route.reshape(-1, hidden), ctx)
-        AUX_LOSS_TRACKER.record(self.adapter_prefix, routing.stats)
+        AUX_LOSS_TRACKER.record(self.adapter_prefix, routing.logged_stats())
         x_TH = x_full.reshape(-1, hidden)
         if self.dispatch.local:
             y_TH = self.mixture(x_TH, routing, shared)

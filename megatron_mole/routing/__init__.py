@@ -24,7 +24,7 @@ from megatron_mole.routing.losses import (
     set_aux_loss_scale,
     z_loss,
 )
-from megatron_mole.routing import topk  # noqa: F401  (registers "topk")
+from megatron_mole.routing import dynmole, gw, mor, topk  # noqa: F401  (registrations)
 
 __all__ = [
     "ROUTERS", "Router", "RouterTensor", "Routing", "RoutingContext", "build_router", "register_router", "AUX_LOSS_TRACKER",

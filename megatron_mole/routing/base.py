@@ -88,6 +88,14 @@ class Routing:
             total = value if total is None else total + value
         return total
 
+    def logged_stats(self) -> Dict[str, torch.Tensor]:
+        """``stats`` plus ``aux_loss`` (the detached sum of the scaled losses): what
+        the wrappers record for the training log."""
+        out = dict(self.stats)
+        if self.aux_losses:
+            out["aux_loss"] = self.aux_loss.detach()
+        return out
+
     def masked_gates(self) -> torch.Tensor:
         """``gates_TK`` with unused slots at 0."""
         if self.valid_TK is None:
@@ -122,6 +130,8 @@ class Router(nn.Module):
     """
 
     registry_name = "?"
+    # router_args this router accepts: name -> (default, check(value) -> bool, what a valid value is)
+    ARGS: Dict[str, Tuple[object, Callable, str]] = {}
 
     def __init__(self, in_features: int, cfg, device=None):
         super().__init__()
@@ -140,10 +150,21 @@ class Router(nn.Module):
 
     @classmethod
     def check_args(cls, router_args: dict, cfg) -> None:
-        """Validate ``cfg.router_args`` for this router (errors name the key)."""
-        if router_args:
-            raise ValueError(f"MoLEConfig.router_args={router_args!r}: router {cls.registry_name!r} "
-                             f"takes no arguments")
+        """Validate ``cfg.router_args`` against ``ARGS`` (errors name the key)."""
+        unknown = sorted(set(router_args) - set(cls.ARGS))
+        if unknown:
+            known = f"known: {sorted(cls.ARGS)}" if cls.ARGS else "it takes no arguments"
+            raise ValueError(f"MoLEConfig.router_args={router_args!r}: router {cls.registry_name!r} does not "
+                             f"take {unknown} ({known})")
+        for name, value in router_args.items():
+            _, ok, what = cls.ARGS[name]
+            if not ok(value):
+                raise ValueError(f"MoLEConfig.router_args={router_args!r}: router {cls.registry_name!r}: "
+                                 f"{name}={value!r} must be {what}")
+
+    def arg(self, name: str):
+        """``cfg.router_args[name]``, or its default."""
+        return self.cfg.router_args.get(name, self.ARGS[name][0])
 
     def linear_logits(self, x_TD: torch.Tensor, weight: torch.Tensor,
                       reduce_logits: Optional[Callable] = None) -> torch.Tensor:

@@ -114,10 +114,10 @@ def gather_router_stats(monitor: RouterLoadMonitor) -> tuple:
     return aux, fractions
 
 
-def weighted_aux_loss(aux: dict, mole_config) -> float:
-    """Sum over layers of the coefficient-weighted aux losses (what the routers' gradient sees)."""
-    coefficients = {"load_balance": mole_config.aux_loss_coeff, "z_loss": mole_config.z_loss_coeff}
-    return sum(coefficients.get(key, 0.0) * value for stats in aux.values() for key, value in stats.items())
+def weighted_aux_loss(aux: dict, mole_config=None) -> float:
+    """Sum over layers of the routers' scaled auxiliary losses (each router reports
+    its own as the ``aux_loss`` statistic: balance, z-loss, or whatever it owns)."""
+    return sum(stats.get("aux_loss", 0.0) for stats in aux.values())
 
 
 class StepLogger:
