@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional
 
 EXPERT_SCOPES = ("mlp", "linear")
 LORA_B_INITS = ("zeros", "random")
+BALANCE_SCOPES = ("global", "micro_batch")
 DISPATCH_MODES = ("auto", "local", "alltoall", "replicated")
 
 
@@ -42,6 +43,11 @@ class MoLEConfig:
     layers: Optional[List[int]] = None
     expert_scope: str = "mlp"
     aux_loss_coeff: float = 0.01
+    # "global": the balance loss's expert fractions f come from the previous optimizer
+    # step's whole global batch (all micro-batches and data-parallel ranks), so the loss
+    # does not depend on the DP size or the micro-batch split; "micro_batch": from the
+    # micro-batch itself (routing/losses.py)
+    balance: str = "global"
     z_loss_coeff: float = 0.0
     lora_b_init: str = "zeros"
     grouped_mm_backend: str = "loop"
@@ -80,6 +86,7 @@ class MoLEConfig:
         need(self.grouped_mm_backend in GROUPED_MM_BACKENDS, "grouped_mm_backend",
              f"must be one of {sorted(GROUPED_MM_BACKENDS)}")
         need(self.dispatch in DISPATCH_MODES, "dispatch", f"must be one of {DISPATCH_MODES}")
+        need(self.balance in BALANCE_SCOPES, "balance", f"must be one of {BALANCE_SCOPES}")
         need(self.capacity_factor is None
              or (isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0),
              "capacity_factor", "must be None (dropless) or a number > 0")

@@ -253,6 +253,37 @@ def load_adapter_state_dict(model, sd: Dict[str, torch.Tensor], strict: bool = T
 
 
 def adapter_parameters(model) -> Iterable[nn.Parameter]:
+    """The trainable adapter parameters (router state such as the balance fractions excluded)."""
     for w in adapter_wrappers(model):
         for t in w.adapter_tensors():
-            yield t.param
+            if t.param.requires_grad:
+                yield t.param
+
+
+@torch.no_grad()
+def update_global_balance(model) -> None:
+    """Close an optimizer step for routers with ``MoLEConfig.balance="global"``: sum the
+    step's routing statistics over the data-parallel ranks (one all-reduce for all
+    routers of this rank's stages) and make them the fractions the balance loss uses
+    next step. Call it once per optimizer step (``megatron-mole train`` does); routers
+    whose step saw no training forward keep their fractions."""
+    from megatron_mole.routing import Router
+
+    routers = [m for w in adapter_wrappers(model) for m in w.modules()
+               if isinstance(m, Router) and m.cfg.balance == "global"]
+    if not routers:
+        return
+    flat = torch.cat([torch.cat([r._balance_sum, r._balance_n.view(1)]) for r in routers])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+            torch.distributed.all_reduce(flat, group=group)
+    for router, part in zip(routers, flat.split([r.num_experts + 1 for r in routers])):
+        sum_E, total = part[:-1], part[-1]
+        # where(): no host sync; a router without training forwards this step keeps its fractions
+        router.balance_fraction.copy_(torch.where(total > 0, sum_E / total.clamp(min=1.0),
+                                                  router.balance_fraction.float()))
+        router._balance_sum.zero_()
+        router._balance_n.zero_()

@@ -47,7 +47,7 @@ class ThresholdRouter(Router):
         valid_TK = gates_TK >= self.cfg.router_args.get("ratio", 0.5) * gates_TK[:, :1]
         routing = Routing(idx_TK, gates_TK, probs_TE, logits_TE, valid_TK=valid_TK,
                           mask_T=None if ctx is None else ctx.mask_T)
-        add_standard_aux_losses(routing, self.cfg)
+        add_standard_aux_losses(routing, self.cfg, self, ctx)
         routing.stats["experts_per_token"] = valid_TK.float().sum(-1).mean().detach()
         return routing
 

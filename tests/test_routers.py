@@ -68,7 +68,7 @@ def test_top_p_rule_excludes_the_crossing_expert_then_keeps_top_k():
 
 def test_dynmole_routing_and_losses_by_hand():
     args = {"q": 1.1, "threshold": 0.9, "top_p": 0.75, "entropy_loss_coeff": 0.01}
-    router, cfg = _router("dynmole", top_k=1, router_args=args, aux_loss_coeff=0.001)
+    router, cfg = _router("dynmole", top_k=1, router_args=args, aux_loss_coeff=0.001, balance="micro_batch")
     with torch.no_grad():
         router.weight[3] *= 0.0  # some tokens near uniform (dense), others peaked
     x = torch.cat([_x(5), torch.zeros(1, 3)])  # the zero token: uniform p, S_q = 1 > 0.9

@@ -55,8 +55,31 @@ def _parity():
                     "losses": losses,
                     "experts_per_token": max(s["experts_per_token"] for s in stats.values()),
                 }
+    # the balance loss over the global batch: TP1 x DP2 (one sequence per micro-batch) and
+    # TP2 x DP1 (one micro-batch of both sequences) see the same global batch
+    from megatron_mole.model import update_global_balance
+
+    batches = _models.make_batches(4, global_batch=2, seed=8)
+    for balance in ("global", "micro_batch"):
+        for tp, micro in ((1, 1), (2, 2)):
+            set_model_parallel(tp=tp)
+            model, config = _models.build_gpt()
+            _models.seed_full_params(model, seed=3)
+            mm.apply_mole(model, mm.MoLEConfig(num_experts=4, rank=4, top_k=2, seed=5, lora_b_init="random",
+                                               aux_loss_coeff=0.5, balance=balance, targets=["linear_fc1", "linear_fc2"]))
+            set_aux_loss_scale(1.0)  # one micro-batch per rank in both layouts
+            out[("balance", balance, tp)] = _models.train(model, config, batches, lr=0.5, micro_batch_size=micro,
+                                                          after_step=update_global_balance)
     set_aux_loss_scale(None)
     return out
+
+
+def test_global_balance_does_not_depend_on_the_dp_or_micro_batch_split(parity):
+    a, b = parity[("balance", "global", 1)], parity[("balance", "global", 2)]
+    assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b)), (a, b)
+    # per micro-batch, the fractions differ between the splits: so do the losses from step 2 on
+    c, d = parity[("balance", "micro_batch", 1)], parity[("balance", "micro_batch", 2)]
+    assert max(abs(x - y) / abs(x) for x, y in zip(c, d)) > 1e-5, (c, d)
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ class TensorSpec:
     whose placement shards it (``None``: the unit's only linear). ``in_dim`` /
     ``out_dim``: dims holding the base linear's input / output features.
     ``experts``: dim 0 indexes experts. ``router``: an fp32 router parameter.
+    ``trainable``: False for state saved with the adapter but not optimised.
     """
     name: str
     shape: Tuple[int, ...]
@@ -47,6 +48,7 @@ class TensorSpec:
     router: bool = False
     init: str = "kaiming"
     fan_in: int = 1
+    trainable: bool = True
 
     @property
     def per_linear(self) -> bool:
@@ -94,8 +96,8 @@ def router_tensors(cfg, d_in: int, prefix: str, linear: Optional[str] = None) ->
     from megatron_mole.routing import ROUTERS
 
     return [TensorSpec(f"{prefix}.router.{t.name}", tuple(t.shape), in_dim=t.in_dim, linear=linear,
-                       router=True, init=t.init, fan_in=t.fan_in or d_in)
-            for t in ROUTERS[cfg.router].tensor_specs(d_in, cfg)]
+                       router=True, init=t.init, fan_in=t.fan_in or d_in, trainable=t.trainable)
+            for t in ROUTERS[cfg.router].all_tensor_specs(d_in, cfg)]
 
 
 def lora_tensors(cfg, d_in: int, d_out: int, prefix: str, linear: Optional[str] = None,

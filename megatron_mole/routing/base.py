@@ -112,12 +112,14 @@ class Routing:
 class RouterTensor:
     """One router parameter: ``name`` below ``router.``, its full shape, the dim
     holding the input features (split like the input under a row-parallel
-    base; None: not input-sized), its init (experts/init.py kinds) and fan-in."""
+    base; None: not input-sized), its init (experts/init.py kinds) and fan-in;
+    ``trainable=False``: router state saved with the adapter but not optimised."""
     name: str
     shape: Tuple[int, ...]
     in_dim: Optional[int]
     init: str = "kaiming"
     fan_in: int = 0
+    trainable: bool = True
 
 
 class Router(nn.Module):
@@ -139,9 +141,37 @@ class Router(nn.Module):
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
         self.in_features = in_features
-        for t in self.tensor_specs(in_features, cfg):
+        for t in self.all_tensor_specs(in_features, cfg):
             self.register_parameter(t.name, nn.Parameter(
-                torch.zeros(t.shape, dtype=torch.float32, device=device)))
+                torch.zeros(t.shape, dtype=torch.float32, device=device), requires_grad=t.trainable))
+        if cfg.balance == "global":  # this step's statistics (see ``balance_fractions``)
+            self.register_buffer("_balance_sum", torch.zeros(cfg.num_experts, device=device), persistent=False)
+            self.register_buffer("_balance_n", torch.zeros((), device=device), persistent=False)
+
+    @classmethod
+    def all_tensor_specs(cls, in_features: int, cfg) -> List[RouterTensor]:
+        """``tensor_specs`` plus the state every router keeps: under ``balance="global"``
+        the global expert fractions of the previous step (``balance_fraction`` [E])."""
+        specs = list(cls.tensor_specs(in_features, cfg))
+        if cfg.balance == "global":
+            specs.append(RouterTensor("balance_fraction", (cfg.num_experts,), in_dim=None, init="mean",
+                                      trainable=False))
+        return specs
+
+    def balance_fractions(self, sum_E: torch.Tensor, total: torch.Tensor, training: bool) -> torch.Tensor:
+        """The f of the balance loss from this forward's per-expert ``sum_E`` over
+        ``total`` (no gradient). ``balance="micro_batch"``: their ratio. ``"global"``:
+        the fractions of the previous step's global batch (uniform before the first
+        update), while a training forward adds its statistics to this step's, which
+        ``megatron_mole.model.update_global_balance`` reduces over data-parallel
+        ranks after each optimizer step."""
+        sum_E, total = sum_E.detach().float(), total.detach().float()
+        if self.cfg.balance != "global":
+            return sum_E / total.clamp(min=1.0)
+        if training:
+            self._balance_sum.add_(sum_E)
+            self._balance_n.add_(total)
+        return self.balance_fraction.detach().float()
 
     @classmethod
     def tensor_specs(cls, in_features: int, cfg) -> List[RouterTensor]:

@@ -13,7 +13,8 @@ keep_top_k). Gates are w = p * mask, not renormalised.
 Loss: ``entropy_loss_coeff`` * mean(S_q) (it has a gradient: it sharpens uncertain
 routers) + ``aux_loss_coeff`` * N sum_i f_i P_i, where, as in DynMoLE's code, f_i is
 the mean of the masked weights w_i (here without gradient, like the Switch count it
-replaces) and P_i the mean probability; z-loss as every router. Padding is left out.
+replaces; over the global batch under ``MoLEConfig.balance="global"``) and P_i the
+mean probability; z-loss as every router. Padding is left out.
 
 Defaults are the paper's: q = 1.1, threshold = 0.9, top_p = 0.75, entropy_loss_coeff
 = 0.01; its template also sets top_k (keep_top_k) = 2, aux_loss_coeff = 0.001, six
@@ -78,7 +79,7 @@ class DynMoLERouter(Router):
                           valid_TK=valid_TE, mask_T=mask_T)
         cfg = self.cfg
         if cfg.aux_loss_coeff > 0:
-            lb = dynmole_balance_loss(probs_TE, order_TE, sorted_TE, valid_TE, mask_T)
+            lb = dynmole_balance_loss(probs_TE, order_TE, sorted_TE, valid_TE, mask_T, self, ctx)
             routing.stats["load_balance"] = lb.detach()
             routing.aux_losses["load_balance"] = cfg.aux_loss_coeff * lb
         if cfg.z_loss_coeff > 0:
@@ -99,14 +100,19 @@ class _StatsOnly:
     aux_loss_coeff = z_loss_coeff = 0.0
 
 
-def dynmole_balance_loss(probs_TE, order_TE, sorted_TE, valid_TE, mask_T=None) -> torch.Tensor:
-    """N * sum_i f_i P_i with f_i the mean masked weight of expert i (no gradient)."""
+def dynmole_balance_loss(probs_TE, order_TE, sorted_TE, valid_TE, mask_T=None, router=None, ctx=None):
+    """N * sum_i f_i P_i with f_i the mean masked weight of expert i (no gradient;
+    over the global batch of the previous step when ``router`` says so)."""
     num_tokens, num_experts = probs_TE.shape
     weight_T = (torch.ones(num_tokens, device=probs_TE.device) if mask_T is None
                 else mask_T.to(probs_TE.dtype))
     n = weight_T.sum().clamp(min=1.0)
     with torch.no_grad():
         w_TE = torch.zeros_like(probs_TE).scatter(1, order_TE, sorted_TE * valid_TE.to(sorted_TE.dtype))
-        f_E = (w_TE * weight_T[:, None]).sum(0) / n
+        w_sum_E = (w_TE * weight_T[:, None]).sum(0)
+    if router is not None:
+        f_E = router.balance_fractions(w_sum_E, weight_T.sum(), ctx is not None and ctx.training)
+    else:
+        f_E = w_sum_E / n
     p_E = (probs_TE * weight_T[:, None]).sum(0) / n
     return num_experts * (f_E * p_E).sum()

@@ -99,6 +99,6 @@ class GWRouter(Router):
             slot_E = torch.arange(self.num_experts, device=probs_TE.device)
             valid_TE = (slot_E[None, :] < self.top_k) | broadcast_T[:, None]
             routing = Routing(idx_TE, gates_TE, probs_TE, logits_TE, valid_TK=valid_TE, mask_T=mask_T)
-        add_standard_aux_losses(routing, self.cfg)
+        add_standard_aux_losses(routing, self.cfg, self, ctx)
         routing.stats["broadcast_fraction"] = _masked_mean(broadcast_T.float(), mask_T)
         return routing

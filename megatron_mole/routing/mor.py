@@ -51,7 +51,7 @@ class MixtureOfRouters(Router):
         mask_T = None if ctx is None else ctx.mask_T
         # logits_TE: the sub-routers' mean (for logging; the z-loss uses each router's own)
         routing = Routing(idx_TK, gates_TK, probs_TE, sub_TJE.mean(1), mask_T=mask_T)
-        add_standard_aux_losses(routing, _BalanceOnly(self.cfg))
+        add_standard_aux_losses(routing, _BalanceOnly(self.cfg), self, ctx)
         if self.cfg.z_loss_coeff > 0:
             parts = [z_loss(sub_TJE[:, i], mask_T) for i in range(j)] + [z_loss(main_TJ, mask_T)]
             z = torch.stack(parts).mean()

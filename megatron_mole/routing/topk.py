@@ -16,7 +16,7 @@ Legend: T tokens, D features, E experts, K = top_k.
 import torch
 
 from megatron_mole.routing.base import Router, Routing, register_router
-from megatron_mole.routing.losses import load_balancing_loss, z_loss
+from megatron_mole.routing.losses import assignment_counts, load_balancing_loss, z_loss
 
 
 def _is_bool(v):
@@ -48,7 +48,7 @@ class TopKRouter(Router):
             gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
         routing = Routing(expert_idx_TK=expert_idx_TK, gates_TK=gates_TK, probs_TE=probs_TE,
                           logits_TE=logits_TE, mask_T=None if ctx is None else ctx.mask_T)
-        add_standard_aux_losses(routing, self.cfg)
+        add_standard_aux_losses(routing, self.cfg, self, ctx)
         return routing
 
 
@@ -59,14 +59,21 @@ def _masked_mean(values_T, mask_T):
     return (values_T * weight).sum() / weight.sum().clamp(min=1.0)
 
 
-def add_standard_aux_losses(routing: Routing, cfg) -> None:
+def add_standard_aux_losses(routing: Routing, cfg, router=None, ctx=None) -> None:
     """Add the balance and z losses (when their coefficients are non-zero) to
     ``routing.aux_losses`` (scaled) and ``stats`` (unscaled), and the statistics
     every router reports (``entropy``: mean routing entropy in nats,
     ``experts_per_token``); other routers reuse this. Unused slots
-    (``valid_TK`` False) and padding are left out."""
+    (``valid_TK`` False) and padding are left out. With ``router``, the balance
+    loss's expert fractions come from ``router.balance_fractions`` (its
+    ``MoLEConfig.balance`` scope)."""
     if cfg.aux_loss_coeff > 0:
-        lb = load_balancing_loss(routing.probs_TE, routing.expert_idx_TK, routing.mask_T, routing.valid_TK)
+        f_E = None
+        if router is not None:
+            counts_E, used = assignment_counts(routing.expert_idx_TK, routing.probs_TE.shape[1], routing.mask_T,
+                                               routing.valid_TK)
+            f_E = router.balance_fractions(counts_E, used, ctx is not None and ctx.training)
+        lb = load_balancing_loss(routing.probs_TE, routing.expert_idx_TK, routing.mask_T, routing.valid_TK, f_E)
         routing.stats["load_balance"] = lb.detach()
         routing.aux_losses["load_balance"] = cfg.aux_loss_coeff * lb
     if cfg.z_loss_coeff > 0:

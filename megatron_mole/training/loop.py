@@ -57,6 +57,7 @@ import torch
 from megatron_mole.checkpoint import ckpt_io
 from megatron_mole.training.data import InstructionDataset, domain_loss_sums, packed_attention_mask, \
     split_microbatches
+from megatron_mole.model import update_global_balance
 from megatron_mole.training.logging import RouterLoadMonitor, StepLogger, gather_router_stats, weighted_aux_loss
 from megatron_mole.training.sampler import GlobalBatchLoader
 from megatron_mole.training.train_config import TrainConfig, config_to_dict
@@ -340,6 +341,7 @@ class Trainer:
             forward_only=False)
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
+        update_global_balance(self.model)  # routers with balance="global": this step's fractions
         self.step += 1
 
         sums = self._global_sums(reduced)

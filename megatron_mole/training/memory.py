@@ -120,6 +120,8 @@ def adapter_params_per_layer(shapes: Shapes, mole, tp: int, ep: int) -> dict:
         else:
             dims = UnitDims.linear(*linears[names[0]][1:3])
         for t in kind.tensors(mole, dims):
+            if not t.trainable:  # router state (a few floats): no gradient, no optimizer state
+                continue
             placement = linears[t.linear or kind.input_linear or names[0]][0]
             n = t.local_numel(placement, tp, ep_size)
             out["router" if t.router else "expert" if t.experts and ep_size > 1 else "dense"] += n
