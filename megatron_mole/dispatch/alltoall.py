@@ -111,6 +111,7 @@ class AllToAllPlan:
     regroup_S: torch.Tensor      # received row feeding each expert-grouped row
     counts_G: List[int]          # rows per local expert (grouped matmul segments)
     peer_counts: Optional[List[List[int]]] = None  # rows per local expert of each TP peer (TP split)
+    dropped_fraction: Optional[torch.Tensor] = None  # of the used assignments, by capacity (device)
 
     @property
     def num_rows(self) -> int:
@@ -163,11 +164,13 @@ class AllToAllDispatcher:
         expert_A = expert_idx_TK.t().reshape(-1)  # slot-major flat j*T + t
         if valid_TK is not None:  # unused slots sort past every expert, like dropped ones
             expert_A = torch.where(valid_TK.t().reshape(-1), expert_A, torch.full_like(expert_A, self.num_experts))
-        kept_A = None
+        kept_A = dropped_fraction = None
         if self.capacity_factor is not None and gates_TK is not None:
             first_channel_TK = gates_TK if gates_TK.dim() == 2 else gates_TK[..., 0]
             keep = self._keep_mask(expert_A, first_channel_TK.t().reshape(-1), expert_A.numel())
             kept_A = keep
+            used_A = expert_A < self.num_experts
+            dropped_fraction = (used_A & ~keep).sum() / used_A.sum().clamp(min=1)
             # dropped assignments sort past every expert and are never sent
             expert_A = torch.where(keep, expert_A, torch.full_like(expert_A, self.num_experts))
         order_A = torch.argsort(expert_A, stable=True)
@@ -197,7 +200,7 @@ class AllToAllDispatcher:
         sent_A = order_A[:num_sent]
         tok_A = sent_A % num_tokens if top_k > 1 else sent_A
         plan = AllToAllPlan(num_tokens, top_k, order_A, kept_A, send_splits, recv_splits, regroup_S, counts_G,
-                            peer_counts)
+                            peer_counts, dropped_fraction)
         x_SD = all_to_all(x_TD.index_select(0, tok_A), recv_splits, send_splits, self.group)
         x_SD = x_SD.index_select(0, regroup_S)
         gates_S = None

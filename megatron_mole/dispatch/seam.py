@@ -35,6 +35,12 @@ class DispatchHandle:
     num_tokens: int
     undo: Any = None
 
+    @property
+    def stats(self) -> dict:
+        """Dispatch statistics for the training log (``dropped_fraction`` under a capacity)."""
+        dropped = getattr(self.plan, "dropped_fraction", None)
+        return {} if dropped is None else {"dropped_fraction": dropped.detach().float()}
+
 
 class ExpertDispatch:
     def __init__(self, num_experts: int, sharding: ExpertSharding, placement, *, tp_split: bool,

@@ -137,6 +137,7 @@ class MoLELinear(LinearAdapter):
         AUX_LOSS_TRACKER.record(self.adapter_prefix, routing.logged_stats())
         x_TI = self.place.dropout(x_TI, self.cfg.dropout, self.training)
         x_SI, gates_S, handle = self.dispatch.permute(x_TI, routing)
+        AUX_LOSS_TRACKER.record(self.adapter_prefix, handle.stats)
         y_SO = self.mole.block(x_SI, gates_S * self.cfg.scaling, handle.counts, self.place, 0.0, self.training)
         return self.dispatch.combine(y_SO, handle, into=into_TO), routing.aux_loss
 

@@ -217,6 +217,7 @@ class MoLEMLP(AdapterWrapper):
         one_per_token = routing.gates_TK.shape[1] == 1
         gates_TKC = torch.stack([routing.masked_gates(), routing.renormalised_gates()], -1)
         x_SH, pg_SC, handle = self.dispatch.permute(x_TH, routing, gates_TKC)
+        AUX_LOSS_TRACKER.record(self.adapter_prefix, handle.stats)
         p_S, g_S = pg_SC.unbind(-1)
         z_SF1 = F.linear(p1.replicated(x_SH), fc1.weight)
         if fc1.bias is not None:
