@@ -312,3 +312,25 @@ def test_toy_router_and_kind_export_to_transformers_and_count(tmp_path):
         assert r["trainable"] == r["counted"], (case, r["trainable"], r["counted"])
     assert "decoder.layers.0.mlp.mole.router.log_temperature" in res["router_mlp"]["names"]
     assert "decoder.layers.1.self_attention.linear_qkv.bias_delta.bias" in res["kind"]["names"]
+
+
+def test_model_supplied_routing_inputs_reach_the_router():
+    """``routing_inputs`` hands a conditioning tensor, packed-sequence ids and a padding
+    mask to every router of the forward passes inside it (rows s-major), and nothing after."""
+    from megatron_mole.config import MoLEConfig
+    from megatron_mole.layers.context import routing_inputs
+    from megatron_mole.layers.linear import MoLELinear
+
+    layer = MoLELinear(nn.Linear(4, 4), MoLEConfig(num_experts=2, expert_scope="linear", router="test_threshold"))
+    seen = []
+    layer.router.register_forward_hook(lambda m, args, out: seen.append(args[1]))
+    x = torch.randn(3, 2, 4)  # [s, b, h]
+    condition, segments = torch.randn(2, 5), torch.tensor([[1, 1, 2], [1, 0, 0]])
+    with routing_inputs(padding_mask=segments == 0, segment_ids=segments, condition=condition):
+        layer(x)
+    layer(x)
+    inside, after = seen
+    assert inside.condition is condition and inside.seq_len == 3 and inside.batch == 2
+    assert inside.segment_ids_T.tolist() == segments.t().reshape(-1).tolist()
+    assert inside.mask_T.tolist() == (segments != 0).t().reshape(-1).tolist()
+    assert after.condition is None and after.mask_T is None and after.segment_ids_T is None
