@@ -60,6 +60,7 @@ def _claims_cuda():
     original_current_device = torch.cuda.current_device
     calls = {}
     with mock.patch("torch.cuda.is_available", return_value=True), mock.patch(
+        "torch.cuda.device_count", return_value=1), mock.patch(
         "torch.cuda.set_device", side_effect=lambda d: calls.setdefault("set_device", str(d))
     ), mock.patch(
         "torch.distributed.init_process_group",
@@ -103,3 +104,21 @@ def _single_process_without_torchrun():
 
 def test_single_process_without_torchrun():
     assert run_distributed(_single_process_without_torchrun, 1) == [(1, "gloo", 1)]
+
+
+def test_local_rank_beyond_visible_gpus_is_named(monkeypatch):
+    """A 1-GPU node asked for a second rank: the error names LOCAL_RANK and the visible count
+    (before any process group or CUDA call; here CUDA is mocked)."""
+    import megatron_mole as mm
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for device in ("auto", "cuda"):
+        with pytest.raises(ValueError, match=r"LOCAL_RANK=1 but this node has 1 visible CUDA device") as info:
+            mm.init_distributed(device=device)
+        assert "--nproc-per-node 1" in str(info.value)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    from megatron_mole.runtime import _resolve_device
+
+    assert str(_resolve_device("auto")) == "cuda:0"

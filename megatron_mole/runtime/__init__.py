@@ -73,7 +73,15 @@ def _resolve_device(device) -> torch.device:
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' was requested but torch.cuda.is_available() is False")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= visible:
+            # Without this check the rank dies later in torch.cuda.set_device with "invalid device ordinal".
+            raise ValueError(
+                f"LOCAL_RANK={local_rank} but this node has {visible} visible CUDA device(s) "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): start at most "
+                f"{visible} process(es) per node (torchrun --nproc-per-node {visible}), or pass device='cpu'"
+            )
+        return torch.device("cuda", local_rank)
     if kind == "cpu":
         return torch.device("cpu")
     raise ValueError(f"device must be 'auto', 'cpu' or 'cuda'; got {device!r}")
@@ -135,7 +143,8 @@ def init_distributed(
 
     Args:
         tp, pp, ep: tensor-, pipeline- and expert-parallel sizes.
-        device: "auto" (CUDA when available, else CPU), "cpu" or "cuda".
+        device: "auto" (CUDA when available, else CPU), "cpu" or "cuda". A CUDA rank uses
+            ``cuda:LOCAL_RANK``; LOCAL_RANK beyond the visible device count is an error.
         seed: seeds Megatron's RNG tracker (and the default generator).
         etp: expert tensor-parallel size; defaults to ``tp`` (experts follow the base's TP).
         vpp: virtual pipeline size (interleaved schedule), or None.
