@@ -93,8 +93,10 @@ def gather_router_stats(monitor: RouterLoadMonitor) -> tuple:
     local = (AUX_LOSS_TRACKER.report(reset=True), monitor.collect())
     parts = [local]
     if dist.is_initialized() and dist.get_world_size() > 1:
+        from megatron_mole.runtime import cpu_group
+
         parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, local)
+        dist.all_gather_object(parts, local, group=cpu_group(None))  # host memory, not a CUDA buffer
     aux_sums, aux_counts, load = {}, {}, {}
     for aux, counts in parts:
         for layer, stats in aux.items():
