@@ -26,8 +26,9 @@ seed gives the same full tensors at any TP/PP layout.
 
 State dicts hold FULL tensors under global names (README "Adapter tensor
 names"): TP shards are all-gathered; under PP every rank receives every
-stage's tensors (``all_gather_object`` over the pipeline group), so rank 0 can
-save the whole adapter. ``load_adapter_state_dict`` slices the full tensors
+stage's tensors (moved to the CPU, then ``all_gather_object`` over a gloo group of
+the pipeline ranks: host memory, not GPU memory, under NCCL), so rank 0 can save
+the whole adapter. ``load_adapter_state_dict`` slices the full tensors
 for the current layout.
 """
 import re
@@ -220,8 +221,12 @@ def _gather_over_pp(obj):
     group = _pp_group()
     if group is None:
         return [obj]
+    from megatron_mole.runtime import cpu_group
+
     out = [None] * torch.distributed.get_world_size(group)
-    torch.distributed.all_gather_object(out, obj, group=group)
+    # Through a gloo group over the same ranks: under NCCL, all_gather_object would pickle each
+    # stage's adapter into a CUDA byte tensor and hold every stage's bytes on every GPU.
+    torch.distributed.all_gather_object(out, obj, group=cpu_group(group))
     return out
 
 

@@ -42,6 +42,7 @@ def _body():
     import torch
     import megatron_mole as mm
     from megatron_mole.layers.base import AdapterWrapper
+    from megatron_mole.routing import Router
     from tests import _models
 
     mm.init_distributed(device="cpu", seed=1234)
@@ -90,6 +91,28 @@ def _body():
     res["moe_explicit"] = _error(lambda: mm.apply_mole(
         build(moe=True), cfg(targets=["decoder.layers.0.mlp.experts.**"])))
 
+    # A MoLE model cast to bf16 after apply_mole (model.to(bf16), as Megatron's Float16Module does):
+    # the forward works and the routers still compute fp32 logits, from the bf16-rounded weight.
+    m = mm.apply_mole(build(), cfg(targets=ALL))
+    m.to(torch.bfloat16)
+    seen = []
+    for name, module in m.named_modules():
+        if isinstance(module, Router):
+            module.register_forward_hook(lambda mod, args, out: seen.append(
+                (mod.weight.dtype, args[0].detach(), mod.weight.detach(), out.logits_TE.detach())))
+    out = m(tokens[:, :-1], pos, None, labels=tokens[:, 1:])
+    out.float().mean().backward()
+    res["bf16_cast"] = {
+        "loss_finite": bool(torch.isfinite(out.float()).all()),
+        "weight_dtypes": sorted({str(d) for d, *_ in seen}),
+        "logit_dtypes": sorted({str(r[3].dtype) for r in seen}),
+        # reference in float64 from the bf16 weight: only fp32 rounding separates them
+        "max_err": max(float((lg.double() - x.double() @ w.double().t()).abs().max()) for _, x, w, lg in seen),
+        "num_routers": len(seen),
+        "router_grads": all(p.grad is not None and torch.isfinite(p.grad.float()).all()
+                            for n, p in m.named_parameters() if n.endswith("router.weight")),
+    }
+
     # `megatron-mole bench layer` runs end to end (tiny sizes; timings not checked)
     import argparse
     from megatron_mole import bench
@@ -104,6 +127,13 @@ def _body():
 @pytest.fixture(scope="module")
 def results():
     return run_distributed(_body, 1, timeout=300)[0]
+
+
+def test_bf16_cast_after_apply_mole_keeps_fp32_routing(results):
+    r = results["bf16_cast"]
+    assert r["num_routers"] >= 2 and r["loss_finite"] and r["router_grads"]
+    assert r["weight_dtypes"] == ["torch.bfloat16"] and r["logit_dtypes"] == ["torch.float32"]
+    assert r["max_err"] < 1e-5, r["max_err"]
 
 
 def test_mlp_scope_wraps_mlps_and_attention_linears(results):

@@ -210,3 +210,27 @@ def test_rng_states_restore_through_a_checkpoint(tmp_path):
     got = _draws()
     assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
     assert np.array_equal(got[2], expected[2]) and got[3] == expected[3]
+
+
+def test_cuda_rng_state_is_the_rank_device_only(monkeypatch):
+    """Mocked CUDA (4 visible devices, this rank on cuda:2): one generator state is saved and
+    restored, that of cuda:2; an older checkpoint's per-device list restores its entry 2."""
+    import torch
+
+    def device_state(device):
+        return torch.full((4,), device, dtype=torch.uint8)
+
+    def refuse_all(*args, **kwargs):
+        raise AssertionError("every device's RNG state was read or written")
+
+    restored = []
+    for name, value in {"is_available": lambda: True, "is_initialized": lambda: True, "device_count": lambda: 4,
+                        "current_device": lambda: 2, "get_rng_state": device_state,
+                        "get_rng_state_all": refuse_all, "set_rng_state_all": refuse_all,
+                        "set_rng_state": lambda state, device: restored.append((state.tolist(), device))}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    state = C.capture_rng_state()
+    assert state["torch_cuda"].tolist() == [2, 2, 2, 2]
+    C.restore_rng_state(state)
+    C.restore_rng_state(dict(state, torch_cuda=[device_state(d) for d in range(4)]))
+    assert restored == [([2, 2, 2, 2], 2), ([2, 2, 2, 2], 2)]

@@ -233,6 +233,14 @@ def _verify_layouts(root, layouts):
 
     from megatron_mole.checkpoint import verify
 
+    hf_calls = []  # (device of the tokens) per transformers run on this rank
+    real_hf_logits = verify.hf_logits
+
+    def counting_hf_logits(hf_dir, tokens_BS, adapter=None):
+        hf_calls.append(tokens_BS.device.type)
+        return real_hf_logits(hf_dir, tokens_BS, adapter)
+
+    verify.hf_logits = counting_hf_logits
     out = []
     for name, tp, pp, ep, *vpp in layouts:
         hf, mcore = os.path.join(root, name, "hf"), os.path.join(root, name, "mcore")
@@ -247,12 +255,16 @@ def _verify_layouts(root, layouts):
     args = parser.parse_args(["--hf", os.path.join(root, "llama", "hf"), "--mcore",
                               os.path.join(root, "llama3_rope", "mcore"), "--seq", "8"])
     out.append(verify.run(args))
+    out.append(hf_calls)
     return out
 
 
 def test_verify_at_tp2_pp2_ep2(converted):
     root, _ = converted
     results = run_distributed(_verify_layouts, 2, root, LAYOUTS, timeout=600)
+    # transformers runs once per verification (the layouts and the 2 CLI runs), on one rank, on the CPU
+    calls = [rank_result.pop() for rank_result in results]
+    assert sum(len(c) for c in calls) == len(LAYOUTS) + 2 and set(calls[0] + calls[1]) == {"cpu"}, calls
     for rank_result in results:
         *diffs, status, mismatch_status = rank_result
         for layout, diff in zip(LAYOUTS, diffs):

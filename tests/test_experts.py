@@ -75,3 +75,52 @@ def test_local_dispatch_matches_per_token_loop(T, E, K):
         torch.testing.assert_close(got[t], want)
     # block 0 holds every token once (the MLP scope relies on it)
     assert sorted(plan.tok_S[:T].tolist()) == list(range(T))
+
+
+def test_torch_grouped_mm_checks_support_up_front_and_lets_kernel_errors_through(monkeypatch):
+    """Unsupported operands (odd strides, float64) go to the loop without calling the kernel; an
+    error inside the kernel (here a simulated CUDA OOM) propagates instead of silently looping."""
+    from megatron_mole.experts import grouped
+
+    x, w = torch.randn(6, 5), torch.randn(2, 3, 5)
+    assert not grouped.grouped_mm_supports(x, w.transpose(1, 2))  # 5 fp32 = 20-byte rows
+    assert not grouped.grouped_mm_supports(torch.randn(6, 8, dtype=torch.float64), torch.randn(2, 8, 4).double())
+    assert not grouped.grouped_mm_supports(torch.randn(6, 8), torch.randn(2, 8, 4, dtype=torch.bfloat16))
+    assert grouped.grouped_mm_supports(torch.randn(6, 8), torch.randn(2, 8, 4))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch._grouped_mm called for unsupported operands")
+
+    monkeypatch.setattr(torch, "_grouped_mm", refuse)
+    want = _segments_reference(x, w, [4, 2])
+    torch.testing.assert_close(grouped_linear(x, w, [4, 2], "torch_grouped_mm"), want)
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch, "_grouped_mm", oom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        grouped_linear(torch.randn(6, 8), torch.randn(2, 4, 8), [4, 2], "torch_grouped_mm")
+
+
+def test_torch_grouped_mm_zeroes_weight_grads_of_empty_groups(monkeypatch):
+    """A kernel that leaves an empty group's weight-gradient output unwritten (NaN here, as
+    uninitialised memory would be) does not reach w.grad: those groups are zeroed."""
+    real = torch._grouped_mm
+
+    def leaves_empty_groups_unwritten(a, b, offs):
+        out = real(a, b, offs=offs)
+        if a.dim() == 2 and b.dim() == 2:  # the 2d x 2d (weight-gradient) form
+            starts = torch.cat([offs.new_zeros(1), offs[:-1]])
+            out[offs == starts] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch, "_grouped_mm", leaves_empty_groups_unwritten)
+    counts = [3, 0, 5, 0]
+    x = torch.randn(8, 8)
+    w = torch.randn(4, 4, 8, requires_grad=True)
+    grouped_linear(x, w, counts, "torch_grouped_mm").sum().backward()
+    assert torch.equal(w.grad[1], torch.zeros(4, 8)) and torch.equal(w.grad[3], torch.zeros(4, 8))
+    w2 = w.detach().clone().requires_grad_()
+    _segments_reference(x, w2, counts).sum().backward()
+    torch.testing.assert_close(w.grad, w2.grad)

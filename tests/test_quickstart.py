@@ -26,4 +26,25 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert len(lines) == 4 * 256 and {json.loads(line)["domain"] for line in lines} == {
         "arithmetic", "reverse", "translate", "capitalize"}
     assert "quickstart: done" in completed.stdout
+    assert "training ranks run on" in completed.stdout
     assert ("skipping export" in completed.stdout) or (work / "hf_adapter").is_dir()
+
+
+def test_quickstart_ranks_fit_the_visible_gpus(monkeypatch):
+    """Mocked device counts: 2 GPUs -> GPU ranks; 1 GPU -> CPU ranks (GPUs hidden), said so; none -> CPU."""
+    import torch
+
+    from megatron_mole.training.quickstart import rank_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    env, message = rank_devices(2)
+    assert env == {} and "run on GPUs" in message
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    env, message = rank_devices(2)
+    assert env == {"CUDA_VISIBLE_DEVICES": ""}
+    assert "1 GPU(s) visible, fewer than the 2 training ranks" in message and "run on CPU" in message
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    env, message = rank_devices(2)
+    assert env == {} and "no GPU" in message and "run on CPU" in message

@@ -60,6 +60,7 @@ def _claims_cuda():
     original_current_device = torch.cuda.current_device
     calls = {}
     with mock.patch("torch.cuda.is_available", return_value=True), mock.patch(
+        "torch.cuda.device_count", return_value=1), mock.patch(
         "torch.cuda.set_device", side_effect=lambda d: calls.setdefault("set_device", str(d))
     ), mock.patch(
         "torch.distributed.init_process_group",
@@ -103,3 +104,67 @@ def _single_process_without_torchrun():
 
 def test_single_process_without_torchrun():
     assert run_distributed(_single_process_without_torchrun, 1) == [(1, "gloo", 1)]
+
+
+def test_local_rank_beyond_visible_gpus_is_named(monkeypatch):
+    """A 1-GPU node asked for a second rank: the error names LOCAL_RANK and the visible count
+    (before any process group or CUDA call; here CUDA is mocked)."""
+    import megatron_mole as mm
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for device in ("auto", "cuda"):
+        with pytest.raises(ValueError, match=r"LOCAL_RANK=1 but this node has 1 visible CUDA device") as info:
+            mm.init_distributed(device=device)
+        assert "--nproc-per-node 1" in str(info.value)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    from megatron_mole.runtime import _resolve_device
+
+    assert str(_resolve_device("auto")) == "cuda:0"
+
+
+def _switch_layouts():
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    import megatron_mole as mm
+    from megatron.core import parallel_state as ps
+    from megatron_mole import runtime
+
+    def live():
+        return len(dist.distributed_c10d._world.pg_map)
+
+    mm.init_distributed(tp=1, device="cpu")
+    counts = [live()]
+    for _ in range(3):
+        for layout in (dict(tp=2), dict(pp=2), dict(ep=2), dict(tp=1)):
+            runtime.set_model_parallel(**layout)
+        counts.append(live())
+    # cpu_group on a group that claims NCCL: a gloo group over the same ranks, made once
+    runtime.set_model_parallel(tp=2)
+    tp_group = ps.get_tensor_model_parallel_group()
+    real_backend = dist.get_backend
+    with mock.patch.object(dist, "get_backend", lambda g=None: "nccl" if g is tp_group else real_backend(g)):
+        made = runtime.cpu_group(tp_group)
+        again = runtime.cpu_group(tp_group)
+    out = [None] * dist.get_world_size(made)
+    dist.all_gather_object(out, {"rank": dist.get_rank()}, group=made)
+    gloo = dict(new=made is not tp_group, cached=made is again, backend=real_backend(made),
+                ranks=dist.get_process_group_ranks(made), gathered=out, same_for_gloo=runtime.cpu_group(tp_group) is tp_group)
+    before = live()
+    runtime.set_model_parallel(tp=1)
+    gloo["dropped_on_switch"] = made not in dist.distributed_c10d._world.pg_map and live() == before - 1
+    return counts, gloo
+
+
+def test_layout_switches_do_not_leak_groups_and_cpu_group():
+    results = run_distributed(_switch_layouts, 2)
+    for counts, gloo in results:
+        # Megatron 0.16.1's destroy_model_parallel alone: +N groups per switch
+        assert len(set(counts)) == 1, counts
+        assert gloo["new"] and gloo["cached"] and gloo["backend"] == "gloo" and gloo["same_for_gloo"]
+        assert gloo["dropped_on_switch"]
+    assert results[0][1]["ranks"] == results[1][1]["ranks"] == [0, 1]  # the TP group at tp=2
+    assert results[0][1]["gathered"] == [{"rank": 0}, {"rank": 1}]

@@ -293,8 +293,8 @@ def training_payloads(*, step: int, adapters: dict, optimizer_state, scheduler_s
 
 
 def capture_rng_state() -> dict:
-    """RNG states of this process: torch CPU, CUDA (all devices) if available, python, numpy,
-    and Megatron's model-parallel tracker when it is initialised."""
+    """RNG states of this process: torch CPU, CUDA (this rank's current device only) if
+    initialised, python, numpy, and Megatron's model-parallel tracker when it is initialised."""
     numpy_state = np.random.get_state(legacy=False)
     state = {
         "torch_cpu": torch.get_rng_state(),
@@ -305,7 +305,9 @@ def capture_rng_state() -> dict:
                   "gauss": float(numpy_state["gauss"])},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+        # Only this rank's device: every rank sees all GPUs of its node, and saving (then
+        # restoring) the others' generators would store N copies and touch devices it does not own.
+        state["torch_cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     tracker = _megatron_rng_tracker()
     if tracker is not None:
         state["megatron_tracker"] = tracker.get_states()
@@ -321,7 +323,11 @@ def restore_rng_state(state: dict):
                          "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
                          "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]})
     if "torch_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["torch_cuda"])
+        cuda_state, device = state["torch_cuda"], torch.cuda.current_device()
+        if isinstance(cuda_state, (list, tuple)):  # older checkpoints: one state per visible device
+            cuda_state = cuda_state[device] if device < len(cuda_state) else None
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
     if "megatron_tracker" in state:
         tracker = _megatron_rng_tracker()
         if tracker is None:

@@ -4,9 +4,12 @@ Run under torchrun (``torchrun --nproc-per-node N -m megatron_mole verify --hf D
 --mcore DIR --tp 2``). Every rank feeds the same seeded random tokens; the Megatron
 model runs through Megatron's own pipeline schedule (forward only), its vocabulary-
 parallel logits are gathered over TP on the last stage and stripped of the vocabulary
-padding, and the transformers model (loaded on the last-stage ranks only) scores the
-same tokens. The largest absolute difference over all ranks is printed; the command
-exits 1 above the tolerance (1e-4).
+padding, and the transformers model scores the same tokens on ONE rank (the first
+last-stage rank: tensor- and data-parallel rank 0), on the CPU by default
+(``--hf-device rank`` uses that rank's device): a model sharded for TP/PP rarely fits
+whole on one GPU, and one copy per last-stage GPU would multiply it. The Megatron logits
+are compared there; the difference is all-reduced, printed, and the command exits 1
+above the tolerance (1e-4).
 
 With ``--adapter DIR`` (an exported adapter, ``megatron-mole export``) both sides carry
 it: Megatron through ``apply_mole`` + ``load_adapter_state_dict`` of the tensors mapped
@@ -66,6 +69,14 @@ def megatron_logits(chunks, tokens_BS: torch.Tensor, vocab_size: int):
     return torch.cat([o["logits"] for o in out], dim=0)
 
 
+def _is_reference_rank() -> bool:
+    """The one rank that runs transformers: last pipeline stage, TP rank 0, DP rank 0."""
+    from megatron.core import parallel_state as ps
+
+    return (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_data_parallel_rank() == 0)
+
+
 def hf_logits(hf_dir: str, tokens_BS: torch.Tensor, adapter: str = None) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
@@ -92,10 +103,11 @@ def _ensure_layout(tp, pp, ep, vpp, device):
 
 def max_logits_difference(
     hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1, ep: int = 1, vpp=None,
-    seed: int = 1234, batch: int = 2, seq: int = 16, device="auto", adapter: str = None,
+    seed: int = 1234, batch: int = 2, seq: int = 16, device="auto", adapter: str = None, hf_device="cpu",
 ) -> float:
     """Max |Megatron - transformers| logits in fp32 at this layout; the same value on every rank.
-    ``adapter``: an exported adapter directory loaded on both sides."""
+    ``adapter``: an exported adapter directory loaded on both sides. ``hf_device``: where the one
+    reference rank runs transformers and compares ("cpu", or "rank" for this rank's device)."""
     import torch.distributed as dist
 
     from megatron_mole.checkpoint.mcore import load_model_chunks, read_spec
@@ -109,8 +121,10 @@ def max_logits_difference(
         _apply_adapter(chunks, adapter)
     ours = megatron_logits(chunks, tokens_BS, vocab)
     diff = torch.zeros(1, dtype=torch.float64, device=info.device)
-    if ours is not None:
-        diff += (ours - hf_logits(hf_dir, tokens_BS, adapter)).abs().max().double()
+    if ours is not None and _is_reference_rank():
+        where = info.device if hf_device == "rank" else torch.device(hf_device)
+        reference = hf_logits(hf_dir, tokens_BS.to(where), adapter)
+        diff += (ours.to(where) - reference).abs().max().double().to(info.device)
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return diff.item()
 
@@ -139,12 +153,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--tolerance", type=float, default=TOLERANCE)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--hf-device", default="cpu", help="where the one reference rank runs transformers: "
+                        "cpu (default) or rank (that rank's device; faster when the whole model fits it)")
 
 
 def run(args) -> int:
     diff = max_logits_difference(args.hf, args.mcore, args.tp, args.pp, args.ep, args.vpp,
                                  seed=args.seed, batch=args.batch, seq=args.seq, device=args.device,
-                                 adapter=args.adapter)
+                                 adapter=args.adapter, hf_device=args.hf_device)
     from megatron_mole import runtime
 
     ok = diff <= args.tolerance

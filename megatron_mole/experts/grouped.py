@@ -13,9 +13,15 @@ A backend provides two primitives on contiguous segments:
   output (``torch.mm(..., out=y[rows])``); empty groups are skipped. Rows are
   never sliced under autograd (DESIGN §4: per-expert ``x[s:e]`` under autograd
   zero-fills a gradient as large as ``x`` per slice).
-- ``"torch_grouped_mm"``: ``torch._grouped_mm`` with int32 offsets, where the
-  installed torch supports it (on CPU fp32 with 16-byte aligned strides; it
-  falls back to the loop for a shape it refuses).
+- ``"torch_grouped_mm"``: ``torch._grouped_mm`` with int32 offsets where the
+  operands are ones it accepts, checked up front (:func:`grouped_mm_supports`:
+  CPU or CUDA, both fp32, both bf16 or both fp16, 16-byte aligned data and row
+  strides); anything else takes the loop. Errors raised by the kernel itself
+  (CUDA out of memory, a launch failure) propagate: they are never taken for
+  "unsupported". Weight gradients of groups with no rows are zeroed after the
+  call: for the 2d x 2d (weight-gradient) form some GPU kernels leave an empty
+  group's output unwritten (uninitialised memory, not zeros), which would reach
+  the optimizer as garbage gradients of the experts that got no tokens.
 
 Legend: S sorted rows, G groups (experts, possibly repeated per top-k slot),
 I in features, O out features, K/N generic matmul dims.
@@ -53,6 +59,31 @@ class LoopBackend:
         return g_GMN
 
 
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _aligned_matrix(m: torch.Tensor) -> bool:
+    """torch._grouped_mm's operand rule: 16-byte aligned data, and in the last two dims one
+    stride 1 and the other at least the row length and a multiple of 16 bytes."""
+    if m.dim() not in (2, 3) or m.data_ptr() % 16:
+        return False
+    per_16_bytes = 16 // m.element_size()
+    (rows, cols), (row_stride, col_stride) = m.shape[-2:], m.stride()[-2:]
+    if row_stride == 1 and col_stride >= max(1, rows):  # column-major
+        return col_stride % per_16_bytes == 0
+    if col_stride == 1 and row_stride >= max(1, cols):  # row-major
+        return row_stride % per_16_bytes == 0
+    return False
+
+
+def grouped_mm_supports(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm(a, b, offs=...)`` accepts these operands (checked without
+    calling it, so that a failure inside the kernel is never mistaken for "unsupported")."""
+    return (hasattr(torch, "_grouped_mm") and a.device == b.device and a.device.type in ("cpu", "cuda")
+            and a.dtype == b.dtype and a.dtype in _GROUPED_MM_DTYPES
+            and _aligned_matrix(a) and _aligned_matrix(b))
+
+
 class TorchGroupedMMBackend(LoopBackend):
     name = "torch_grouped_mm"
 
@@ -60,16 +91,19 @@ class TorchGroupedMMBackend(LoopBackend):
         return torch.tensor(_offsets(counts)[1:], dtype=torch.int32, device=device)
 
     def segment_mm(self, x_SK, w_GKN, counts):
-        try:
-            return torch._grouped_mm(x_SK, w_GKN, offs=self._offs(counts, x_SK.device))
-        except RuntimeError:  # shapes/strides/dtypes the kernel refuses on this device
+        if not grouped_mm_supports(x_SK, w_GKN):
             return super().segment_mm(x_SK, w_GKN, counts)
+        return torch._grouped_mm(x_SK, w_GKN, offs=self._offs(counts, x_SK.device))
 
     def segment_wgrad(self, a_SM, b_SN, counts):
-        try:
-            return torch._grouped_mm(a_SM.t(), b_SN, offs=self._offs(counts, a_SM.device))
-        except RuntimeError:
+        a_MS = a_SM.t()
+        if not grouped_mm_supports(a_MS, b_SN):
             return super().segment_wgrad(a_SM, b_SN, counts)
+        g_GMN = torch._grouped_mm(a_MS, b_SN, offs=self._offs(counts, a_SM.device))
+        for g, count in enumerate(counts):
+            if int(count) == 0:  # see the module docstring: not always written by the kernel
+                g_GMN[g].zero_()
+        return g_GMN
 
 
 GROUPED_MM_BACKENDS: Dict[str, object] = {

@@ -7,7 +7,9 @@ tracker, and on CPU applies the CPU runtime (:mod:`megatron_mole.runtime.cpu`).
 A CUDA run applies no patch.
 
 ``set_model_parallel`` switches the TP/PP/EP layout inside running processes
-(tests compare many layouts in one launch; process start-up costs seconds).
+(tests compare many layouts in one launch; process start-up costs seconds); it
+destroys the old layout's process groups (Megatron leaves its NCCL ones alive).
+``cpu_group`` gives a gloo group over a group's ranks for object collectives.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ __all__ = [
     "get_runtime",
     "is_initialized",
     "shutdown",
+    "cpu_group",
 ]
 
 
@@ -73,7 +76,15 @@ def _resolve_device(device) -> torch.device:
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' was requested but torch.cuda.is_available() is False")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= visible:
+            # Without this check the rank dies later in torch.cuda.set_device with "invalid device ordinal".
+            raise ValueError(
+                f"LOCAL_RANK={local_rank} but this node has {visible} visible CUDA device(s) "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): start at most "
+                f"{visible} process(es) per node (torchrun --nproc-per-node {visible}), or pass device='cpu'"
+            )
+        return torch.device("cuda", local_rank)
     if kind == "cpu":
         return torch.device("cpu")
     raise ValueError(f"device must be 'auto', 'cpu' or 'cuda'; got {device!r}")
@@ -135,7 +146,8 @@ def init_distributed(
 
     Args:
         tp, pp, ep: tensor-, pipeline- and expert-parallel sizes.
-        device: "auto" (CUDA when available, else CPU), "cpu" or "cuda".
+        device: "auto" (CUDA when available, else CPU), "cpu" or "cuda". A CUDA rank uses
+            ``cuda:LOCAL_RANK``; LOCAL_RANK beyond the visible device count is an error.
         seed: seeds Megatron's RNG tracker (and the default generator).
         etp: expert tensor-parallel size; defaults to ``tp`` (experts follow the base's TP).
         vpp: virtual pipeline size (interleaved schedule), or None.
@@ -218,17 +230,65 @@ def set_model_parallel(
 ) -> RuntimeInfo:
     """Switch the Megatron layout in running processes (destroy + initialise)."""
     global _RUNTIME
-    from megatron.core import parallel_state
-
     runtime = get_runtime()
     etp = tp if etp is None else etp
     seed = runtime.seed if seed is None else seed
     _check_positive(tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp)
     _check_layout(runtime.world_size, tp, pp, ep, etp)
-    parallel_state.destroy_model_parallel()
+    _destroy_model_parallel()
     _init_model_parallel(tp, pp, ep, etp, vpp, seed)
     _RUNTIME = dataclasses.replace(runtime, tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp, seed=seed)
     return _RUNTIME
+
+
+def _destroy_model_parallel() -> None:
+    """Megatron's ``destroy_model_parallel`` and the communicators behind its groups.
+
+    Megatron-core 0.16.1 destroys only its gloo groups and forgets the others: every layout
+    switch would leave NCCL communicators (GPU memory, and a limited number per process)
+    alive. Megatron lists the groups this rank belongs to (``create_group`` appends them to
+    ``_global_process_group_list``, with None for the default group); destroy those that
+    are still registered. Every rank switches at the same point, in the same group order.
+    """
+    from megatron.core import parallel_state
+
+    groups = [g for g in (getattr(parallel_state, "_global_process_group_list", None) or []) if g is not None]
+    _drop_cpu_groups()
+    parallel_state.destroy_model_parallel()
+    if not dist.is_initialized():
+        return
+    live = dist.distributed_c10d._world.pg_map
+    for group in groups:
+        if group in live and group is not dist.GroupMember.WORLD:
+            dist.destroy_process_group(group)
+
+
+_CPU_GROUPS: dict = {}  # ranks -> a gloo group over them (cpu_group)
+
+
+def cpu_group(group=None):
+    """A gloo group over the ranks of ``group`` (None: the whole world), for moving Python
+    objects (``all_gather_object``) through host memory.
+
+    Under NCCL ``all_gather_object`` pickles into a CUDA tensor and gathers every rank's
+    bytes on every GPU; through gloo they stay on the CPU. On a gloo run ``group`` itself is
+    returned. The gloo group is made on first use by the member ranks only
+    (``use_local_synchronization``) and kept until the layout changes or ``shutdown``.
+    """
+    if dist.get_backend(group) == "gloo":
+        return group
+    ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(dist.get_world_size()))
+    if ranks not in _CPU_GROUPS:
+        _CPU_GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True)
+    return _CPU_GROUPS[ranks]
+
+
+def _drop_cpu_groups() -> None:
+    live = dist.distributed_c10d._world.pg_map if dist.is_initialized() else {}
+    for group in _CPU_GROUPS.values():
+        if group in live:
+            dist.destroy_process_group(group)
+    _CPU_GROUPS.clear()
 
 
 def get_runtime() -> RuntimeInfo:
@@ -251,11 +311,9 @@ def get_device() -> torch.device:
 def shutdown() -> None:
     """Destroy Megatron's groups and the process group; undo the CPU runtime."""
     global _RUNTIME
-    from megatron.core import parallel_state
-
     if _RUNTIME is None:
         return
-    parallel_state.destroy_model_parallel()
+    _destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
     cpu_runtime.remove_cpu_runtime()

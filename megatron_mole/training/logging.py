@@ -24,13 +24,27 @@ One JSON object per logged step, e.g.::
      {"decoder.layers.0.mlp": [0.26, 0.24, 0.27, 0.23]}, "lr": 2e-4, "grad_norm": 0.41,
      "tokens": 2048, "supervised_tokens": 311, "tokens_per_s": 1830.2, "step_time_s": 1.12}
 
+A run keeps only the last ``RECORDS_KEPT`` step records in memory (``recent_records``;
+``TrainResult.records``): every rank builds a record per step and its per-layer,
+per-expert fields grow with the model, so a list of all of them grew without bound
+over a long run. The full history is the JSON lines log.
+
 Legend: T tokens, K top-k, E experts.
 """
 import json
 import sys
+from collections import deque
 from pathlib import Path
 
 import torch
+
+
+RECORDS_KEPT = 16
+
+
+def recent_records() -> deque:
+    """An empty container for step records that keeps the last ``RECORDS_KEPT`` of them."""
+    return deque(maxlen=RECORDS_KEPT)
 
 
 class RouterLoadMonitor:
@@ -93,8 +107,10 @@ def gather_router_stats(monitor: RouterLoadMonitor) -> tuple:
     local = (AUX_LOSS_TRACKER.report(reset=True), monitor.collect())
     parts = [local]
     if dist.is_initialized() and dist.get_world_size() > 1:
+        from megatron_mole.runtime import cpu_group
+
         parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, local)
+        dist.all_gather_object(parts, local, group=cpu_group(None))  # host memory, not a CUDA buffer
     aux_sums, aux_counts, load = {}, {}, {}
     for aux, counts in parts:
         for layer, stats in aux.items():

@@ -48,6 +48,7 @@ Legend: G global batch rows, B rows on this rank, S sequence length, D domains.
 import hashlib
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -58,14 +59,16 @@ from megatron_mole.checkpoint import ckpt_io
 from megatron_mole.training.data import InstructionDataset, domain_loss_sums, packed_attention_mask, \
     split_microbatches
 from megatron_mole.model import update_global_balance
-from megatron_mole.training.logging import RouterLoadMonitor, StepLogger, gather_router_stats, weighted_aux_loss
+from megatron_mole.training.logging import RouterLoadMonitor, StepLogger, gather_router_stats, recent_records, \
+    weighted_aux_loss
 from megatron_mole.training.sampler import GlobalBatchLoader
 from megatron_mole.training.train_config import TrainConfig, config_to_dict
 
 
 @dataclass
 class TrainResult:
-    records: list = field(default_factory=list)  # the step records (rank 0 logs them; all ranks hold them)
+    # the last RECORDS_KEPT step records (logging.py): memory stays flat over a long run; the log has them all
+    records: deque = field(default_factory=recent_records)
     start_step: int = 0
     final_step: int = 0
     data_report: object = None

@@ -15,7 +15,8 @@ itself:
    experts of every MLP; tokens reach them by all-to-all) trained by
    ``torchrun --nproc-per-node 2 -m megatron_mole train`` (``torch.distributed.run``
    in a subprocess, one thread per rank), logging to ``DIR/train.jsonl`` and saving to
-   ``DIR/checkpoints/``;
+   ``DIR/checkpoints/``. The ranks use GPUs when the machine has at least 2, else they run
+   on CPU (the GPUs hidden from them; the output says which);
 5. ``DIR/hf_adapter/``: the adapter exported for transformers, and a few generations
    of the base with the adapter loaded (when the export command and
    ``megatron_mole.hf.load_mole_adapter`` are installed; otherwise it says so).
@@ -121,6 +122,23 @@ def _rank_env() -> dict:
     return env
 
 
+def rank_devices(nproc: int = NPROC) -> tuple:
+    """(environment overrides, message) for the training ranks: GPUs when the machine has one per
+    rank, else CPU ranks. ``device="auto"`` maps a rank to ``cuda:LOCAL_RANK``, so on a machine
+    with fewer GPUs than ranks some rank would ask for a GPU that is not there; hiding the GPUs
+    (``CUDA_VISIBLE_DEVICES=""``) makes every rank run on CPU (gloo) instead."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible >= nproc:
+        return {}, f"quickstart: the {nproc} training ranks run on GPUs cuda:0..{nproc - 1} (nccl)"
+    if visible == 0:
+        return {}, f"quickstart: no GPU: the {nproc} training ranks run on CPU (gloo)"
+    return {"CUDA_VISIBLE_DEVICES": ""}, (
+        f"quickstart: {visible} GPU(s) visible, fewer than the {nproc} training ranks (expert parallel "
+        f"{LAYOUT['ep']}): the ranks run on CPU (gloo)")
+
+
 def convert(hf_dir: Path, out_dir: Path):
     """``megatron-mole convert hf-to-mcore`` in a subprocess (its CPU runtime stays out of this process)."""
     _run([sys.executable, "-m", "megatron_mole", "convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(out_dir),
@@ -201,9 +219,11 @@ def run(args) -> int:
     with open(config_path, "w", encoding="utf-8") as handle:
         yaml.safe_dump(train_config(work_dir, args.max_steps, args.save_interval, args.seed), handle,
                        sort_keys=False)
+    device_env, device_message = rank_devices(NPROC)
+    print(device_message, flush=True)
     seconds = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}",
                     "-m", "megatron_mole", "train", "--config", str(config_path)], f"train on {NPROC} processes",
-                   env=_rank_env())
+                   env=dict(_rank_env(), **device_env))
     print(f"quickstart: training took {seconds:.1f}s; log {work_dir / 'train.jsonl'}, "
           f"checkpoints {work_dir / 'checkpoints'}", flush=True)
     export_and_generate(work_dir)
