@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_mole.checkpoint import ckpt_io
+from megatron_mole.checkpoint import ckpt_io, optim_state
 from megatron_mole.training.data import InstructionDataset, domain_loss_sums, packed_attention_mask, \
     split_microbatches
 from megatron_mole.model import update_global_balance
@@ -72,7 +72,7 @@ class TrainResult:
     start_step: int = 0
     final_step: int = 0
     data_report: object = None
-    optimizer_rebuilt: bool = False  # resumed at another layout
+    resharded: bool = False  # resumed at another layout (optimizer state resharded, RNG not restored)
     last_checkpoint: str | None = None
     adapter_params: int = 0  # trainable elements on this rank
 
@@ -118,55 +118,6 @@ def _file_sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def _to_cpu(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().clone()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
-
-
-def _sub_optimizers(optimizer) -> list:
-    return [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if getattr(o, "optimizer", None)]
-
-
-def _main_param_groups(sub):
-    """fp32 main copies of low-precision params (distributed or plain mixed-precision optimizer)."""
-    for name in ("shard_fp32_from_float16_groups", "fp32_from_float16_groups"):
-        groups = getattr(sub, name, None)
-        if groups and any(len(g) for g in groups):
-            return groups
-    return None
-
-
-def optimizer_state(optimizer) -> list:
-    """Per-rank state of a Megatron optimizer: each sub-optimizer's inner torch state and fp32 mains."""
-    out = []
-    for sub in _sub_optimizers(optimizer):
-        mains = _main_param_groups(sub)
-        out.append({"inner": _to_cpu(sub.optimizer.state_dict()),
-                    "main_params": None if mains is None else [[_to_cpu(p) for p in g] for g in mains]})
-    return out
-
-
-def load_optimizer_state(optimizer, state: list):
-    subs = _sub_optimizers(optimizer)
-    if len(subs) != len(state):
-        raise ckpt_io.CheckpointError(f"the checkpoint holds {len(state)} optimizer(s), this run builds {len(subs)}")
-    for sub, entry in zip(subs, state):
-        sub.optimizer.load_state_dict(entry["inner"])
-        mains = _main_param_groups(sub)
-        if (mains is None) != (entry["main_params"] is None):
-            raise ckpt_io.CheckpointError("the checkpoint's fp32 main parameters do not match this run's precision")
-        if mains is not None:
-            with torch.no_grad():
-                for group, saved in zip(mains, entry["main_params"]):
-                    for param, value in zip(group, saved):
-                        param.copy_(value)
-
-
 def _base_overrides(cfg: TrainConfig) -> dict:
     """TransformerConfig overrides for ``load_model``: sequence parallelism as configured (a dense
     base at ep > 1 is handled by ``load_model`` itself)."""
@@ -206,6 +157,11 @@ class Trainer:
         self.mole_config = mm.MoLEConfig(**cfg.mole)
         for chunk in chunks:
             mm.apply_mole(chunk, self.mole_config)
+        # The adapters enter the model before the optimizer copies them (its fp32 main params under
+        # bf16): loaded later, the optimizer's first step would write its stale copies back.
+        self.checkpoint = self._read_checkpoint()
+        if self.checkpoint is not None:
+            mm.load_adapter_state_dict(chunks, self.checkpoint.shared["adapters"])
         self.monitor = RouterLoadMonitor(chunks)
         self.sequence_parallel = bool(chunks[0].config.sequence_parallel)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -233,39 +189,51 @@ class Trainer:
             use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
         self.scheduler.step(increment=1)  # the LR of step 1 (see the module docstring)
         self.step = 0
-        self.optimizer_rebuilt = False
+        self.resharded = False
         self.base_ref = {"checkpoint": os.path.abspath(cfg.base.checkpoint),
                          "spec_sha256": _file_sha256(Path(cfg.base.checkpoint) / "mcore_config.json")}
 
     # ------------------------------------------------------------------ checkpoints
-    def resume(self):
+    def _read_checkpoint(self):
         ck = self.cfg.checkpoint
         if ck.load_dir is None:
-            return
-        from megatron_mole.model import load_adapter_state_dict
-
+            return None
         checkpoint = ckpt_io.load_checkpoint(ck.load_dir, ck.load_step)
         shared = checkpoint.shared
         if shared is None or "adapters" not in shared:
             raise ckpt_io.CheckpointError(f"{checkpoint.path} holds no adapter state (not a training checkpoint)")
+        if checkpoint.collective_dir is None or "optimizer" not in shared:
+            raise ckpt_io.CheckpointError(f"{checkpoint.path} holds no optimizer state ({ckpt_io.COLLECTIVE_DIR}/)")
+        return checkpoint
+
+    def resume(self):
+        """Everything but the adapters (loaded before the optimizer was built) from the checkpoint."""
+        checkpoint = self.checkpoint
+        if checkpoint is None:
+            return
+        shared = checkpoint.shared
         if shared["base"].get("spec_sha256") != self.base_ref["spec_sha256"]:
             self._info(f"warning: {checkpoint.path} was trained on base {shared['base'].get('checkpoint')}, "
                        f"whose spec differs from {self.base_ref['checkpoint']}")
-        load_adapter_state_dict(self.model, shared["adapters"])
+        optim_state.load_optimizer_state(self.optimizer, self.model, checkpoint.collective_dir,
+                                         shared["optimizer"]["adam_step"])
+        # After the optimizer (whose param groups carry an LR): the scheduler sets the LR of the next
+        # step. Its load_state_dict *adds* the saved count to the current one, and __init__ already
+        # counted step 1's increment: start from 0 as a scheduler that never stepped.
+        self.scheduler.num_steps = 0
         self.scheduler.load_state_dict(shared["scheduler"])
         self.loader.load_state_dict(shared["data"])
         self.step = int(shared["step"])
         if shared["layout"] == self.layout and checkpoint.world_size == self.info.world_size:
-            rank_state = ckpt_io.load_checkpoint(ck.load_dir, checkpoint.step, rank=self.rank).rank_state
-            load_optimizer_state(self.optimizer, rank_state["optimizer"])
+            rank_state = ckpt_io.load_checkpoint(checkpoint.path.parent, checkpoint.step, rank=self.rank).rank_state
             ckpt_io.restore_rng_state(rank_state["rng"])
             self._info(f"resumed from {checkpoint.path} at step {self.step} (same layout: optimizer, "
                        f"scheduler, data position and RNG restored)")
         else:
-            self.optimizer_rebuilt = True
+            self.resharded = True
             self._info(f"resumed from {checkpoint.path} at step {self.step}: it was saved at layout "
-                       f"{shared['layout']}, this run has {self.layout}; adapters, scheduler and data position "
-                       f"restored, optimizer state rebuilt (fresh Adam moments), RNG not restored")
+                       f"{shared['layout']}, this run has {self.layout}; adapters and optimizer state "
+                       f"resharded, scheduler and data position restored, RNG not restored")
 
     def save(self) -> Path:
         import torch.distributed as dist
@@ -274,13 +242,17 @@ class Trainer:
 
         ck = self.cfg.checkpoint
         shared, rank_payload = ckpt_io.training_payloads(
-            step=self.step, adapters=adapter_state_dict(self.model), optimizer_state=optimizer_state(self.optimizer),
-            scheduler_state=self.scheduler.state_dict(), sampler_state=self.loader.state_dict(), base=self.base_ref,
-            layout=self.layout, config=config_to_dict(self.cfg))
+            step=self.step, adapters=adapter_state_dict(self.model), scheduler_state=self.scheduler.state_dict(),
+            sampler_state=self.loader.state_dict(), base=self.base_ref, layout=self.layout,
+            config=config_to_dict(self.cfg))
         shared["mole_config"] = self.mole_config.to_dict()
+        shared["optimizer"] = {"format": "megatron dist_checkpointing torch_dist, " + optim_state.METADATA[
+            "distrib_optim_sharding_type"], "adam_step": optim_state.adam_step(self.optimizer)}
         barrier = dist.barrier if dist.is_initialized() else None
-        return ckpt_io.save_checkpoint(ck.save_dir, self.step, rank_payload, shared_payload=shared, rank=self.rank,
-                                       world_size=self.info.world_size, barrier=barrier, keep_last=ck.keep_last)
+        return ckpt_io.save_checkpoint(
+            ck.save_dir, self.step, rank_payload, shared_payload=shared, rank=self.rank,
+            world_size=self.info.world_size, barrier=barrier, keep_last=ck.keep_last,
+            collective=lambda directory: optim_state.save_optimizer_state(self.optimizer, self.model, directory))
 
     # ------------------------------------------------------------------ one step
     def _forward_step(self, scale, data_iterator, model_chunk):
@@ -392,7 +364,7 @@ class Trainer:
             raise ckpt_io.CheckpointError(
                 f"checkpoint.save_dir {ck.save_dir} already holds step_{latest}, beyond this run's start (step "
                 f"{self.step}); save elsewhere (--save DIR) or resume from it (--load {ck.save_dir})")
-        result.start_step, result.optimizer_rebuilt = self.step, self.optimizer_rebuilt
+        result.start_step, result.resharded = self.step, self.resharded
         self.logger = StepLogger(cfg, rank=self.rank, start_step=self.step, max_steps=cfg.schedule.max_steps)
         try:
             while self.step < cfg.schedule.max_steps:
