@@ -31,12 +31,8 @@ BAD_LINES = {3: "{not json", 7: json.dumps({"messages": [{"role": "user", "conte
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    from megatron_mole.training.quickstart import build_base, convert
-
-    work = tmp_path_factory.mktemp("train")
-    hf_dir = build_base(work, seed=0, examples_per_domain=16, pretrain_steps=0)
-    convert(hf_dir, work / "mcore")
+def work(tiny_train_base):
+    work, hf_dir = tiny_train_base, tiny_train_base / "hf_base"
     lines = (work / "data" / "train.jsonl").read_text().splitlines()
     for number, text in sorted(BAD_LINES.items()):
         lines.insert(number - 1, text)

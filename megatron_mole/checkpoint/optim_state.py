@@ -109,12 +109,30 @@ def _allocate_state(sub):
         state.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
 
 
+def _fix_group_index_map(sub):
+    """Megatron-core 0.16's distributed optimizer maps each model param to (group, order) in the
+    order of its grad buffers, while the inner optimizer's groups list the fp32 params first, then
+    the fp32 mains of the bf16 ones. With one dtype per group (Megatron's models) the two agree; our
+    bf16 adapters share a group with fp32 routers, and the checkpoint helpers then read and write
+    another param's state (a size mismatch, or silently the wrong tensor). Rebuild the map in the
+    inner optimizer's order; nothing else reads it."""
+    fp32_groups, float16_groups = getattr(sub, "model_fp32_groups", None), getattr(sub, "model_float16_groups", None)
+    index_map = getattr(sub, "model_param_group_index_map", None)
+    if index_map is None or fp32_groups is None or float16_groups is None:
+        return
+    for group_index, (fp32, float16) in enumerate(zip(fp32_groups, float16_groups)):
+        for order, param in enumerate([*fp32, *float16]):
+            index_map[param] = (group_index, order)
+
+
 def _sharded(optimizer, model, is_loading: bool):
     """(per-sub-optimizer state dicts, their ShardedBase leaves in one traversal order)."""
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import ShardedBase
 
     model_sd = adapter_sharded_state_dict(model)
+    for sub in sub_optimizers(optimizer):
+        _fix_group_index_map(sub)
     if is_loading:
         for sub in sub_optimizers(optimizer):
             _allocate_state(sub)
