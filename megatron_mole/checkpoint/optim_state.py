@@ -125,6 +125,40 @@ def _fix_group_index_map(sub):
             index_map[param] = (group_index, order)
 
 
+def _float16_sharded_state_dict(sub, model_sd):
+    """``Float16OptimizerWithFloat16Params.sharded_state_dict`` (the non-distributed bf16 optimizer)
+    for groups that mix bf16 and fp32 params. Megatron-core 0.16's numbers the torch state by the bf16
+    params alone and pairs the fp32 mains with the group's first param ids, so with our fp32 routers
+    it fails ('Param id N does not match') or mislabels. Here every id is the param's position in the
+    inner optimizer (each bf16 param represented there by its fp32 main); same keys and layout."""
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map,
+        make_sharded_optimizer_tensor,
+        optim_state_to_sharding_state,
+    )
+
+    model_of = {id(main): model for mains, models in zip(sub.fp32_from_float16_groups, sub.float16_groups)
+                for main, model in zip(mains, models)}
+    ordered = [[model_of.get(id(p), p) for p in group["params"]] for group in sub.optimizer.param_groups]
+    state_dict = sub.state_dict()
+    id_map = get_param_id_to_sharded_param_map(model_sd, (p for group in ordered for p in group))
+    state_groups = state_dict["optimizer"]["param_groups"]
+    state_dict["fp32_from_fp16_params"] = [
+        [make_sharded_optimizer_tensor(id_map[param_id], param, prefix="optimizer.state.fp32_param")
+         for param_id, param in zip(state_group["params"], group["params"]) if id(param) in model_of]
+        for state_group, group in zip(state_groups, sub.optimizer.param_groups)]
+    optim_state_to_sharding_state(state_dict["optimizer"], id_map, exclude_keys="step")
+    return state_dict
+
+
+def _sub_sharded_state_dict(sub, model_sd, is_loading):
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    if isinstance(sub, Float16OptimizerWithFloat16Params):
+        return _float16_sharded_state_dict(sub, model_sd)
+    return sub.sharded_state_dict(model_sd, is_loading=is_loading, metadata=METADATA)
+
+
 def _sharded(optimizer, model, is_loading: bool):
     """(per-sub-optimizer state dicts, their ShardedBase leaves in one traversal order)."""
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
@@ -136,8 +170,7 @@ def _sharded(optimizer, model, is_loading: bool):
     if is_loading:
         for sub in sub_optimizers(optimizer):
             _allocate_state(sub)
-    parts = [sub.sharded_state_dict(model_sd, is_loading=is_loading, metadata=METADATA)
-             for sub in sub_optimizers(optimizer)]
+    parts = [_sub_sharded_state_dict(sub, model_sd, is_loading) for sub in sub_optimizers(optimizer)]
     leaves = []
 
     def collect(x):
@@ -163,13 +196,16 @@ def load_optimizer_state(optimizer, model, directory, step: int | None) -> None:
     param from ``directory`` (saved at any layout), then set Adam's step count to ``step``."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
-    from megatron.core.dist_checkpointing.mapping import ShardedBase
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
 
     parts, leaves = _sharded(optimizer, model, is_loading=True)
     loaded = dist_checkpointing.load({i: leaf for i, leaf in enumerate(leaves)}, str(directory))
     values = iter(loaded[i] for i in range(len(leaves)))
     for sub, part in zip(sub_optimizers(optimizer), parts):
-        dict_list_map_inplace(lambda x: next(values) if isinstance(x, ShardedBase) else x, part)
+        # the loaded tensors in place of their descriptions; local objects (param ids) unwrapped, as
+        # dist_checkpointing.load does for the dicts it is given
+        dict_list_map_inplace(lambda x: next(values) if isinstance(x, ShardedBase) else
+                              x.unwrap() if isinstance(x, LocalNonpersistentObject) else x, part)
         if "param_state" in part:  # the distributed optimizer
             # Its load_state_dict would also take the param groups (ours are this run's) and, with
             # torch's Adam, copy every state key into the loaded ones, 'step' included, which the
@@ -178,7 +214,10 @@ def load_optimizer_state(optimizer, model, directory, step: int | None) -> None:
             sub.load_parameter_state_from_fully_reshardable(part["param_state"])
             for param, value in steps.items():
                 sub.optimizer.state[param]["step"] = value
-        else:
+        else:  # Megatron's (mixed-precision) optimizer: the torch state dict under 'optimizer' or itself
+            # the step count is shared by every param as 'common_step' (0 is left out on save)
+            inner = part["optimizer"] if "optimizer" in part else part
+            inner["state"]["common_step"] = torch.tensor(float(step or 0))
             sub.load_state_dict(part)
     if step is not None:
         for sub in sub_optimizers(optimizer):
