@@ -7,8 +7,8 @@ layout, ``checkpoint.load_model`` (the converted base, resharded to this layout)
 adapter parameters only, Megatron's ``OptimizerParamScheduler`` (linear warmup,
 then constant/linear/cosine decay), and ``get_forward_backward_func`` over the
 micro-batches of each global batch (1F1B under pipeline parallelism; with ``parallel.vpp``
-one model chunk per virtual stage and Megatron's interleaved schedule, which needs pp > 2:
-PP4 x VPP2 reproduced PP4's losses exactly on 4 CPU ranks).
+one model chunk per virtual stage and Megatron's interleaved schedule: PP4 x VPP2 and, with
+unbatched p2p ops, PP2 x VPP2 reproduce PP4's and PP2's losses on 4 CPU ranks).
 
 Notable:
 
@@ -33,15 +33,19 @@ Notable:
   Megatron's mixed-precision optimizer keeps fp32 main parameters (saved in
   checkpoints, so a bf16 resume keeps them exactly too).
 - **Checkpoints** (checkpoint/ckpt_io, atomic, last K kept) hold the full adapter tensors with
-  global names, the scheduler, the sampler position, the base reference, the layout
-  and the config (shared), and per rank the inner optimizer state, fp32 main params
-  and all RNG states. Resuming at the same layout restores everything: the losses of
-  the uninterrupted run are reproduced bit for bit (fp32). At another TP/PP/EP/DP
-  layout the adapters, scheduler and data position are restored and the optimizer
-  state is rebuilt (fresh Adam moments), which the log says.
+  global names, the scheduler, the sampler position, Adam's step count, the base reference,
+  the layout and the config (shared), per rank all RNG states, and the optimizer state
+  (Adam moments, fp32 main params) in Megatron's dist_checkpointing format, keyed by global
+  adapter names (checkpoint/optim_state.py). The adapters are loaded before the optimizer is
+  built (its fp32 main copies start from them). At the same layout a resume reproduces the
+  uninterrupted run bit for bit (losses and LRs, fp32 and bf16); at another TP/PP/EP/DP
+  layout the optimizer state is resharded by dist_checkpointing (losses within ~1e-7
+  relative in fp32); only the RNG states (dropout) are not carried over.
 - **LR schedule**: step i (1-based) runs at the schedule's value after i scheduler
   increments, so the first step trains (Megatron's warmup starts at 0); decay ends
-  one step after ``max_steps``. Config values win over a checkpoint's on resume.
+  one step after ``max_steps``. Config values win over a checkpoint's on resume; the
+  resumed scheduler restarts from its saved count (not on top of the one increment
+  ``__init__`` makes).
 
 Legend: G global batch rows, B rows on this rank, S sequence length, D domains.
 """
@@ -120,8 +124,16 @@ def _file_sha256(path: Path) -> str | None:
 
 def _base_overrides(cfg: TrainConfig) -> dict:
     """TransformerConfig overrides for ``load_model``: sequence parallelism as configured (a dense
-    base at ep > 1 is handled by ``load_model`` itself)."""
-    return {"sequence_parallel": True} if cfg.parallel.sequence_parallel else {}
+    base at ep > 1 is handled by ``load_model`` itself), and unbatched pipeline p2p for the virtual
+    pipeline at pp=2. There a rank's previous and next stage are one peer, and Megatron-core's
+    batched ops post [send_prev, recv_prev, send_next, recv_next]: the peer's gradient and activation
+    (same shape) are matched to the receives crosswise, silently (tests/test_megatron_p2p.py). Its
+    unbatched path orders the ops by even/odd rank and is exact (PP2 x VPP2 = PP2 bit for bit)."""
+    p = cfg.parallel
+    overrides = {"sequence_parallel": True} if p.sequence_parallel else {}
+    if p.pp == 2 and p.vpp not in (None, 1):
+        overrides["batch_p2p_comm"] = False
+    return overrides
 
 
 class Trainer:

@@ -80,10 +80,8 @@ class ParallelConfig:
         for name in ("tp", "pp", "ep", "micro_batch", "global_batch"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _require(self.vpp is None or self.vpp >= 1, "vpp", f"must be >= 1 or null, got {self.vpp}")
-        # At pp=2 the interleaved schedule's losses differed from plain PP2 (CPU, 4 micro-batches) while
-        # PP4 x VPP2 matched PP4; likely cause: a rank's previous and next stage are one peer, so batched
-        # sends of activations and gradients to it can be matched crosswise. Megatron-LM asked pp > 2 too.
-        _require(self.vpp in (None, 1) or self.pp > 2, "vpp", f"vpp={self.vpp} needs pp > 2, got pp={self.pp}")
+        # pp=2 works with unbatched p2p ops, which the training loop selects there (see loop._base_overrides)
+        _require(self.vpp in (None, 1) or self.pp >= 2, "vpp", f"vpp={self.vpp} needs pp >= 2, got pp={self.pp}")
         _require(self.global_batch % self.micro_batch == 0, "global_batch",
                  f"global_batch={self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
         _require(not self.sequence_parallel or self.tp > 1, "sequence_parallel", "needs tp > 1")
