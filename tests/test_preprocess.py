@@ -10,7 +10,6 @@ both paths are checked in tests/test_train.py (one launch with its other jobs).
 import json
 import os
 import shutil
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
@@ -113,11 +112,11 @@ def _die_on_second_chunk(items):
 _encode = P._encode_chunk
 
 
-def test_killed_preprocess_leaves_no_partial_output(files, tmp_path, monkeypatch):
+def test_killed_preprocess_leaves_no_partial_output(files, tmp_path, monkeypatch, capsys):
     root, tok, paths, _ = files
     monkeypatch.setattr(P, "CHUNK", 16)
     monkeypatch.setattr(P, "_encode_chunk", _die_on_second_chunk)
-    with pytest.raises(BrokenProcessPool):
+    with pytest.raises(D.DataError, match="a preprocess worker died"):
         P.preprocess(paths, tok, tmp_path / "out", workers=2)
     assert os.listdir(tmp_path) == []
     monkeypatch.setattr(P, "_encode_chunk", _encode)
@@ -137,8 +136,10 @@ def test_killed_preprocess_leaves_no_partial_output(files, tmp_path, monkeypatch
         P.preprocess(paths, tok, tmp_path / "out", workers=1, force=True)
     assert os.listdir(tmp_path) == ["out"]
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
-    with pytest.raises(D.DataError, match="already exists; pass --force"):
-        P.preprocess(paths, tok, tmp_path / "out")
+    from megatron_mole.cli import main
+
+    assert main(["preprocess", "--data", *paths, "--tokenizer", tok, "--out", str(tmp_path / "out")]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
 
 
 def test_hugging_face_datasets_input(files, tmp_path):

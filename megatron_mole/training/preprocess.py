@@ -17,7 +17,8 @@ every bad line, and ``meta.json`` with the tokenizer's fingerprint.
 
 Workers: chunks of records go to ``--workers`` forked processes, at most
 ``2 x workers`` chunks in flight, and results are written in input order, so
-memory does not grow with the input (beyond the index: ~40 bytes per example).
+memory does not grow with the text (only with the index: Megatron's builders keep
+their lists of lengths, ~100 bytes per example).
 Atomic: everything is written into a hidden temporary directory next to
 ``--out`` and renamed to it at the end; an error, a dead worker, Ctrl-C or
 SIGTERM removes the temporary directory, so no partial dataset ever exists at
@@ -98,17 +99,21 @@ def _chunks(paths):
         if not path.exists():
             raise DataError(f"--data {path}: no such file or directory")
         if _is_hf_dataset(path):
-            items = ((number, row) for number, row in enumerate(_hf_rows(path), start=1))
+            yield from _chunked(file_index, enumerate(_hf_rows(path), start=1))
         else:
-            items = ((number, raw) for number, raw in enumerate(open(path, "rb"), start=1) if raw.strip())
-        chunk = []
-        for item in items:
-            chunk.append(item)
-            if len(chunk) == CHUNK:
-                yield file_index, chunk
-                chunk = []
-        if chunk:
+            with open(path, "rb") as handle:
+                yield from _chunked(file_index, ((n, raw) for n, raw in enumerate(handle, start=1) if raw.strip()))
+
+
+def _chunked(file_index, items):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == CHUNK:
             yield file_index, chunk
+            chunk = []
+    if chunk:
+        yield file_index, chunk
 
 
 # ---------------------------------------------------------------- tokenising (in the workers)
@@ -149,6 +154,7 @@ def _results(chunks, tokenizer_dir, workers: int):
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     # A killed worker makes ProcessPoolExecutor raise BrokenProcessPool (multiprocessing.Pool would hang).
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
@@ -163,6 +169,8 @@ def _results(chunks, tokenizer_dir, workers: int):
             while window:
                 file_index, n, future = window.popleft()
                 yield file_index, n, future.result()
+        except BrokenProcessPool:
+            raise DataError("a preprocess worker died (killed, or out of memory?); nothing was written") from None
         finally:
             for *_, future in window:
                 future.cancel()
