@@ -9,7 +9,7 @@ count), then for each path starts a fresh Python process per measurement that do
 rank of ``train`` does with the data before its first step: ``loop.build_dataset`` (JSONL:
 read and tokenise everything; prefix: memory-map and build the index arrays) and the first
 global batch of the domain-mixing loader. It reports that wall time and the process's peak
-RSS (``ru_maxrss``) next to the same process's RSS right after the imports (``base``), so
+RSS (``VmHWM``) next to the same process's RSS right after the imports (``base``), so
 the difference is what the data costs. Sizes above ``--jsonl-max`` skip the JSONL path
 (it is reported as not measured); with ``--replicate K`` their prefix is the size-K prefix
 repeated (tokenising 1M examples takes ~40 min on 2 busy cores; start-up does not depend on the text). Prints one JSON line per measurement and a Markdown table.
@@ -26,11 +26,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from megatron_mole.training import loop, sampler, train_config, indexed, data
 import megatron.core.datasets.indexed_dataset
 from transformers import AutoTokenizer  # train has imported it before it builds the data
-def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss():  # VmHWM, not ru_maxrss: ru_maxrss survives exec and would include the parent's peak
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status["VmHWM"].split()[0]) / 1024
 base = rss()
 cfg = train_config.config_from_dict(json.loads(sys.argv[1]))
 start = time.perf_counter()
@@ -94,6 +96,7 @@ def main():
     parser.add_argument("--preprocess-workers", type=int, default=2, help="workers for sizes not timed per count")
     parser.add_argument("--replicate", type=int, default=0,
                         help="sizes above --jsonl-max: repeat the prefix of this size instead of tokenising")
+    parser.add_argument("--reuse", action="store_true", help="keep prefixes already built (except the timed size)")
     parser.add_argument("--throughput-size", type=int, default=100_000, help="size timed with each --workers")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -115,6 +118,8 @@ def main():
         elif not path.is_file():
             write_jsonl(path, n)
         counts = [] if source else args.workers if n == args.throughput_size else [args.preprocess_workers]
+        if args.reuse and n != args.throughput_size and (work / f"prefix_{n}" / "meta.json").is_file():
+            counts = []
         for workers in counts:
             start = time.perf_counter()
             preprocess([path], tok, work / f"prefix_{n}", workers=workers, force=True)
