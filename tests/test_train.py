@@ -11,7 +11,9 @@ One launch runs several jobs through the real entry point (``megatron_mole.cli.m
   optimizer state is resharded in C, P and Q, which say so; a step's loss is computed before its
   update; test_train_resume.py checks the steps after it);
 - E: ``--strict`` refuses the data's bad lines (exit status 2); A reports them, with line numbers;
-- F: a fresh run saving into A's directory (which holds step 4) is refused before training.
+- F: a fresh run saving into A's directory (which holds step 4) is refused before training;
+- G: B again on A's data preprocessed (``data.prefix``, megatron-mole preprocess): B's losses bit
+  for bit (same rows, same sampler state).
 
 A separate job kills the process in the middle of its second checkpoint save: the first one stays
 loadable and ``latest`` still names it.
@@ -48,6 +50,9 @@ def work(tiny_train_base):
         "logging": {"progress": False},
     }
     (work / "config.yaml").write_text(yaml.safe_dump(config))
+    from megatron_mole.training.preprocess import preprocess
+
+    preprocess([work / "data" / "bad.jsonl"], hf_dir, work / "prefix", workers=1)
     return work
 
 
@@ -72,6 +77,9 @@ def _jobs(work):
         out[name] = {"loss": result.records[0]["loss"], "start": result.start_step,
                      "resharded": result.resharded, "record": result.records[0],
                      "bad": [str(b) for b in result.data_report.bad_lines], "params": result.adapter_params}
+    # G: B on the preprocessed copy of A's data (data.prefix): same losses, bit for bit
+    out["G"] = main(["train", "--config", cfg, "--set", "data.paths=[]", "--set", f"data.prefix={work / 'prefix'}",
+                     "--load", str(work / "A"), "--load-step", "2", "--log-jsonl", str(work / "G.jsonl")])
     out["E"] = main(["train", "--config", cfg, "--strict"])
     out["F"] = main(["train", "--config", cfg, "--save", str(work / "A")])  # A holds step 4: refused
     return out
@@ -83,6 +91,7 @@ def test_resume_exact_and_at_another_layout(work, capfd):
     a, b = _losses(work / "A.jsonl"), _losses(work / "B.jsonl")
     assert sorted(a) == [1, 2, 3, 4] and sorted(b) == [3, 4]
     assert [b[3], b[4]] == [a[3], a[4]]  # bit for bit
+    assert rank0["G"] == rank1["G"] == 0 and _losses(work / "G.jsonl") == b  # the preprocessed data path
     assert a[4] < a[1]
 
     d = rank0["D"]

@@ -93,6 +93,11 @@ def build_dataset(cfg: TrainConfig) -> InstructionDataset:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg))
+    if cfg.data.prefix:  # preprocessed: memory-mapped, checked against this tokenizer
+        from megatron_mole.training.indexed import IndexedInstructionDataset
+
+        return IndexedInstructionDataset(cfg.data.prefix, tokenizer_dir(cfg), cfg.data.seq_length,
+                                         strict=cfg.data.strict, tokenizer=tokenizer)
     return InstructionDataset.from_jsonl(cfg.data.paths, tokenizer, cfg.data.seq_length, strict=cfg.data.strict)
 
 

@@ -10,7 +10,7 @@ Example (every section but ``base`` and ``data`` is optional; defaults below)::
                 distributed: true}
     schedule: {max_steps: 100, warmup_steps: 10, decay_style: cosine, min_lr: 0.0}
     data: {paths: [data/train.jsonl], domain_weights: {math: 2, code: 1}, seq_length: 512,
-           packing: false, strict: false, seed: 1234}
+           packing: false, strict: false, seed: 1234}  # or prefix: [data/mix] (megatron-mole preprocess)
     logging: {log_jsonl: train.jsonl, tensorboard_dir: null, interval: 1, progress: true}
     checkpoint: {save_dir: ckpt, interval: 50, keep_last: 2, load_dir: null, load_step: null}
     seed: 1234
@@ -20,7 +20,7 @@ Every key is checked: an unknown key anywhere (except inside the free-form ``mol
 and ``data.domain_weights`` mappings) or a value of the wrong type is a
 ``ConfigError`` naming its dotted path, e.g. ``config 'optimizer.lrr': unknown key``.
 Floats also accept strings such as ``1e-4`` (which YAML 1.1 reads as a string) and
-``data.paths`` accepts a single path. Relative paths are kept as written
+``data.paths`` / ``data.prefix`` accept a single path. Relative paths are kept as written
 (relative to the working directory of the job).
 
 Precedence: YAML file, then ``--set a.b=c`` assignments in order (values parsed
@@ -135,7 +135,8 @@ class ScheduleConfig:
 
 @dataclass
 class DataConfig:
-    paths: list[str]  # instruction JSONL files (megatron_mole.training.data)
+    paths: list[str] = field(default_factory=list)  # instruction JSONL files (megatron_mole.training.data)
+    prefix: list[str] = field(default_factory=list)  # `megatron-mole preprocess` outputs (training.indexed)
     domain_weights: dict[str, float] | None = None  # None: in proportion to the domains' sizes
     seq_length: int = 512
     packing: bool = False
@@ -143,7 +144,9 @@ class DataConfig:
     seed: int | None = None  # sampler seed; None: the top-level seed
 
     def __post_init__(self):
-        _require(len(self.paths) > 0, "paths", "must list at least one JSONL file")
+        _require(bool(self.paths) != bool(self.prefix), "paths",
+                 "give either data.paths (JSONL files) or data.prefix (preprocessed directories), "
+                 f"exactly one of them; got paths={self.paths} prefix={self.prefix}")
         _require(self.seq_length >= 2, "seq_length", f"must be >= 2, got {self.seq_length}")
         for domain, weight in (self.domain_weights or {}).items():
             _require(weight >= 0, f"domain_weights.{domain}", f"must be >= 0, got {weight}")
