@@ -21,7 +21,9 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "peft"],
+        "test": ["pytest", "peft", "datasets"],
+        # Hugging Face datasets (Arrow/Parquet, local files) as input to `megatron-mole preprocess`.
+        "data": ["datasets"],
         # NVIDIA apex and Transformer Engine are optional GPU accelerators. They are
         # not on PyPI under those names (PyPI's "apex" is an unrelated web package):
         # build NVIDIA apex from its repository and install transformer-engine[pytorch]

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "convert": ("megatron_mole.checkpoint.cli", "convert base checkpoints Hugging Face <-> Megatron-core"),
     "verify": ("megatron_mole.checkpoint.verify", "compare Megatron and transformers logits (fp32)"),
     "export": ("megatron_mole.checkpoint.export_cli", "export trained adapters for Hugging Face"),
+    "preprocess": ("megatron_mole.training.preprocess", "tokenise instruction data once into an indexed dataset"),
     "train": ("megatron_mole.training.cli", "fine-tune MoLE adapters (run under torchrun)"),
     "quickstart": ("megatron_mole.training.quickstart", "tiny end-to-end run on CPU: build, convert, train, export"),
     "bench": ("megatron_mole.bench", "benchmarks: layer cost, dispatch cost"),

@@ -2,7 +2,8 @@
 
 Validated in ``__post_init__``; every error names the field and the offending
 value. Router names are checked against the registry in ``megatron_mole.routing``
-so a router added there is accepted here without touching this file;
+and methods against the one in ``megatron_mole.layers`` (layers/specs.py), so a
+router or method registered there is accepted here without touching this file;
 router-specific settings travel in ``router_args``.
 
 Target patterns (``targets``) are matched against each module's dotted path with
@@ -23,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 EXPERT_SCOPES = ("mlp", "linear")
-METHODS = ("mole",)
 LORA_B_INITS = ("zeros", "random")
+BALANCE_SCOPES = ("global", "micro_batch")
 DISPATCH_MODES = ("auto", "local", "alltoall", "replicated")
 
 
@@ -42,6 +43,11 @@ class MoLEConfig:
     layers: Optional[List[int]] = None
     expert_scope: str = "mlp"
     aux_loss_coeff: float = 0.01
+    # "global": the balance loss's expert fractions f come from the previous optimizer
+    # step's whole global batch (all micro-batches and data-parallel ranks), so the loss
+    # does not depend on the DP size or the micro-batch split; "micro_batch": from the
+    # micro-batch itself (routing/losses.py)
+    balance: str = "global"
     z_loss_coeff: float = 0.0
     lora_b_init: str = "zeros"
     grouped_mm_backend: str = "loop"
@@ -55,6 +61,7 @@ class MoLEConfig:
 
     def __post_init__(self):
         from megatron_mole.experts.grouped import GROUPED_MM_BACKENDS
+        from megatron_mole.layers import METHODS
         from megatron_mole.routing import ROUTERS
 
         def need(ok, name, what):
@@ -73,12 +80,13 @@ class MoLEConfig:
              "must be in [0, 1)")
         need(self.router in ROUTERS, "router", f"unknown router; known: {sorted(ROUTERS)}")
         need(isinstance(self.router_args, dict), "router_args", "must be a dict")
-        need(self.method in METHODS, "method", f"must be one of {METHODS}")
+        need(self.method in METHODS, "method", f"unknown method; known: {sorted(METHODS)}")
         need(self.expert_scope in EXPERT_SCOPES, "expert_scope", f"must be one of {EXPERT_SCOPES}")
         need(self.lora_b_init in LORA_B_INITS, "lora_b_init", f"must be one of {LORA_B_INITS}")
         need(self.grouped_mm_backend in GROUPED_MM_BACKENDS, "grouped_mm_backend",
              f"must be one of {sorted(GROUPED_MM_BACKENDS)}")
         need(self.dispatch in DISPATCH_MODES, "dispatch", f"must be one of {DISPATCH_MODES}")
+        need(self.balance in BALANCE_SCOPES, "balance", f"must be one of {BALANCE_SCOPES}")
         need(self.capacity_factor is None
              or (isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0),
              "capacity_factor", "must be None (dropless) or a number > 0")

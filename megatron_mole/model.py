@@ -4,7 +4,9 @@ adapters, freeze the base; adapter_state_dict / load_adapter_state_dict.
 Matching (patterns: see config.py) runs on each module's *global* path: the
 local index of ``decoder.layers.{i}`` is replaced by Megatron's global
 ``layer_number - 1``, so targets, layer selections and adapter names are the
-same at every pipeline layout. Wrapping:
+same at every pipeline layout. The method (``MoLEConfig.method``, a registry in
+layers/specs.py) names the adapter kind of each matched linear; a kind whose
+unit is an MLP wraps the parent MLP once. For method "mole":
 
 - ``expert_scope="mlp"``: a matched ``linear_fc1``/``linear_fc2`` of a dense
   MLP makes that MLP a :class:`MoLEMLP` (experts on the matched linears, one
@@ -37,13 +39,13 @@ import torch
 from torch import nn
 
 from megatron_mole.config import MoLEConfig
+from megatron_mole.layers import METHODS
 from megatron_mole.layers.base import AdapterWrapper
-from megatron_mole.layers.linear import LoRALinear, MoLELinear
-from megatron_mole.layers.mole_mlp import MoLEMLP
+from megatron_mole.layers.context import install_context_hooks
 from megatron_mole.layers.parallel import fc1_stride, placement_for
+from megatron_mole.layers.specs import kind_of
 
 ATTENTION_LINEARS = ("linear_qkv", "linear_proj")
-MLP_LINEARS = ("linear_fc1", "linear_fc2")
 
 
 # ---------------------------------------------------------------- matching
@@ -152,29 +154,32 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
 
     for p in model.parameters():
         p.requires_grad_(False)
+    method = METHODS[cfg.method]
     chosen = sorted({path for paths in hits.values() for path in paths})
     wrappers = []
     mlp_parts: Dict[str, set] = {}
     for path in chosen:
         parent_path, _, name = path.rpartition(".")
         parent = modules[parent_path]
-        if cfg.expert_scope == "mlp" and name in MLP_LINEARS and isinstance(parent, MLP):
-            mlp_parts.setdefault(parent_path, set()).add(name)
+        kind = kind_of(method.kind_for(cfg, name, isinstance(parent, MLP)))
+        if kind.unit == "mlp":
+            mlp_parts.setdefault(parent_path, (kind, set()))[1].add(name)
             continue
-        cls = MoLELinear if cfg.expert_scope == "linear" else LoRALinear
         stride = fc1_stride(parent) if name == "linear_fc1" and isinstance(parent, MLP) else None
-        wrapper = cls(modules[path], cfg, placement_for(modules[path], stride))
+        wrapper = kind.wrapper(modules[path], cfg, placement_for(modules[path], stride))
         setattr(parent, name, wrapper)
         wrappers.append((wrapper, gpaths[path]))
-    for mlp_path, names in mlp_parts.items():
+    for mlp_path, (kind, names) in mlp_parts.items():
         grand_path, _, name = mlp_path.rpartition(".")
-        wrapper = MoLEMLP(modules[mlp_path], cfg, "linear_fc1" in names, "linear_fc2" in names)
+        wrapper = kind.wrapper(modules[mlp_path], cfg, "linear_fc1" in names, "linear_fc2" in names)
         setattr(modules[grand_path], name, wrapper)
         wrappers.append((wrapper, gpaths[mlp_path]))
     for wrapper, gpath in wrappers:
         wrapper.adapter_prefix = gpath
+        wrapper.layer_number = _layer_index(gpath)
         wrapper.init_adapters(cfg.seed)
         mark_parallel_attributes(wrapper)
+    install_context_hooks(model)
     model.mole_config = cfg
     return model
 
@@ -253,6 +258,37 @@ def load_adapter_state_dict(model, sd: Dict[str, torch.Tensor], strict: bool = T
 
 
 def adapter_parameters(model) -> Iterable[nn.Parameter]:
+    """The trainable adapter parameters (router state such as the balance fractions excluded)."""
     for w in adapter_wrappers(model):
         for t in w.adapter_tensors():
-            yield t.param
+            if t.param.requires_grad:
+                yield t.param
+
+
+@torch.no_grad()
+def update_global_balance(model) -> None:
+    """Close an optimizer step for routers with ``MoLEConfig.balance="global"``: sum the
+    step's routing statistics over the data-parallel ranks (one all-reduce for all
+    routers of this rank's stages) and make them the fractions the balance loss uses
+    next step. Call it once per optimizer step (``megatron-mole train`` does); routers
+    whose step saw no training forward keep their fractions."""
+    from megatron_mole.routing import Router
+
+    routers = [m for w in adapter_wrappers(model) for m in w.modules()
+               if isinstance(m, Router) and m.cfg.balance == "global"]
+    if not routers:
+        return
+    flat = torch.cat([torch.cat([r._balance_sum, r._balance_n.view(1)]) for r in routers])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+            torch.distributed.all_reduce(flat, group=group)
+    for router, part in zip(routers, flat.split([r.num_experts + 1 for r in routers])):
+        sum_E, total = part[:-1], part[-1]
+        # where(): no host sync; a router without training forwards this step keeps its fractions
+        router.balance_fraction.copy_(torch.where(total > 0, sum_E / total.clamp(min=1.0),
+                                                  router.balance_fraction.float()))
+        router._balance_sum.zero_()
+        router._balance_n.zero_()

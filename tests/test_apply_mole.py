@@ -147,14 +147,14 @@ def test_mlp_scope_wraps_mlps_and_attention_linears(results):
 def test_adapter_tensor_names(results):
     names = results["sd_names"]
     for i in (0, 1):
-        for suffix in ("mlp.mole.router.weight", "mlp.linear_fc1.mole.lora_a",
+        for suffix in ("mlp.mole.router.weight", "mlp.mole.router.balance_fraction", "mlp.linear_fc1.mole.lora_a",
                        "mlp.linear_fc1.mole.lora_b", "mlp.linear_fc2.mole.lora_a",
                        "mlp.linear_fc2.mole.lora_b", "self_attention.linear_qkv.lora.lora_a",
                        "self_attention.linear_qkv.lora.lora_b",
                        "self_attention.linear_proj.lora.lora_a",
                        "self_attention.linear_proj.lora.lora_b"):
             assert f"decoder.layers.{i}.{suffix}" in names
-    assert len(names) == 18
+    assert len(names) == 20  # with the routers' balance state (balance="global", the default)
 
 
 def test_selections(results):

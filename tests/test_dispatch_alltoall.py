@@ -77,6 +77,10 @@ def _check(ep):
         w_local = w_full[ep_rank * local:(ep_rank + 1) * local].clone().requires_grad_(True)
         disp = AllToAllDispatcher(E, group=group, capacity_factor=case.get("capacity"))
         x_S, gates_S, plan = disp.permute(x, idx, gates)
+        if "capacity" in case:  # the logged statistic: this rank's assignments dropped
+            dropped = 1.0 - _reference_keep(case, idx, gates.detach()).float().mean().item()
+            if abs(float(plan.dropped_fraction) - dropped) > 1e-12:
+                failures.append(f"ep={ep} {case['name']} dropped_fraction {float(plan.dropped_fraction)} != {dropped}")
         y_S = grouped_linear(x_S * gates_S.unsqueeze(-1), w_local, plan.counts_G)
         y = disp.combine(y_S, plan)
         if y.requires_grad:  # False on a rank with no tokens

@@ -1,15 +1,16 @@
 """Expert parallelism: MoLE experts sharded over EP ranks train exactly like EP1.
 
 One 4-process launch runs every layout: EP1, EP2 and EP4 at TP1 (DP4), and
-EP2 x TP2 with and without SP (DP2; scope "mlp" then splits the dispatch over
-the TP ranks that hold the same tokens, layers/tp_split.py), with the same
+EP2 x TP2 with and without SP (DP2; the dispatch is then split over
+the TP ranks that hold the same tokens, dispatch/tp_split.py), with the same
 global batch split over the data-parallel ranks (one sequence per micro-batch,
 so the routers' balance losses see the same tokens everywhere) and gradients reduced by Megatron's DDP (expert params
 over the expert-data-parallel group, the rest over data-parallel). Both expert
 scopes, 4 experts, top-2, adapters on qkv/proj/fc1/fc2, random B so the experts
 matter from step 1. Also: expert tensors live only on their owner (E/ep per
 rank), carry allreduce=False, and the adapter trained at EP4 loads at EP1 and
-EP2 with the same per-token losses.
+EP2 with the same per-token losses, and one forward + backward makes one host sync
+per dispatch at every layout (tests/_syncs.py).
 """
 import pytest
 
@@ -52,7 +53,9 @@ def _run(scope):
     eval_tokens = _models.make_batches(1, global_batch=2, seed=99)[0]
     from megatron_mole.dispatch import alltoall
 
-    out = {"losses": [], "local_experts": [], "allreduce": [], "names": [], "ep_bytes": []}
+    from tests._syncs import count_host_syncs
+
+    out = {"losses": [], "local_experts": [], "allreduce": [], "names": [], "ep_bytes": [], "syncs": []}
     for layout in LAYOUTS:
         set_model_parallel(tp=layout["tp"], ep=layout["ep"])
         model, config = _models.build_gpt(sequence_parallel=layout["sp"])
@@ -68,6 +71,12 @@ def _run(scope):
         sent = torch.tensor([float(alltoall.TRAFFIC["bytes"])])
         torch.distributed.all_reduce(sent)
         out["ep_bytes"].append(sent.item())
+        # host syncs of one forward + backward: one per dispatch (the split sizes), also
+        # through all-to-all and the TP split
+        inputs, labels = eval_tokens[:1, :-1], eval_tokens[:1, 1:]
+        with count_host_syncs() as syncs:
+            model(inputs, torch.arange(inputs.shape[1])[None], None, labels=labels).sum().backward()
+        out["syncs"].append(sum(syncs.values()))
         sd = mm.adapter_state_dict(model)
         out["names"].append(sorted(sd))
         if layout["ep"] == 4:
@@ -100,6 +109,8 @@ def test_expert_parallel_parity(scope):
         assert r["allreduce"] == [[l["ep"] == 1] for l in LAYOUTS]
         assert all(names == r["names"][0] for names in r["names"])
         assert max(r["reload_diff"]) <= 1e-5, r["reload_diff"]
+        units = 2 if scope == "mlp" else 8  # MoLE MLPs, or routed linears (2 layers)
+        assert r["syncs"] == [units] * len(LAYOUTS), r["syncs"]
     if scope == "mlp":
         # Scope "mlp" all-to-alls only over EP. The same tokens and routing at every layout: with
         # the TP split each token crosses EP once, so TP2xEP2 moves about what TP1xEP2 moves

@@ -41,7 +41,7 @@ def _random_routing(T, E, K, seed, skip_expert=None):
 
 
 def _inject(wrapper, routing):
-    wrapper.router.forward = lambda x, reduce_logits=None, mask_T=None: routing
+    wrapper.router.forward = lambda x, ctx=None, reduce_logits=None: routing
 
 
 def _randomize(module, seed):

@@ -16,7 +16,8 @@ with ``perform_initialization=False``), so the SwiGLU fc1 stride comes from
 the MLP. Also checked at every layout: base parameters never change and never receive
 a gradient; replicated adapter params stay bit-identical over TP ranks;
 adapter_state_dict has the same names; and the adapter saved at TP2+SP loads
-at TP1 and gives the same per-token losses.
+at TP1 and gives the same per-token losses. At TP2+SP the bytes through TP
+collectives of one forward + backward are measured against the frozen base's.
 """
 import pytest
 
@@ -76,7 +77,46 @@ def _replicated_params_identical_over_tp(model):
 
 
 def _run_all():
-    return {case: _run(case) for case in sorted(CASES)}
+    out = {case: _run(case) for case in sorted(CASES)}
+    out["sp_bytes"] = _sp_bytes()
+    return out
+
+
+def _sp_bytes():
+    """Bytes per rank through TP collectives for one forward + backward at TP2+SP:
+    each case's adapted model over the frozen base alone (Megatron's own layers)."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    import megatron_mole as mm
+    from megatron_mole.runtime import set_model_parallel
+    from tests import _models
+    from tests._comm import collective_bytes
+
+    set_model_parallel(tp=2, pp=1)
+    tokens = _models.make_batches(1, global_batch=1, seed=5)[0]
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    pos = torch.arange(inputs.shape[1])[None]
+    out = {}
+    from megatron_mole.layers.parallel import TPPlacement
+
+    sharing = TPPlacement.shares_sp_collectives
+    for case, share in [(None, True)] + [(c, s) for c in sorted(CASES) for s in (True, False)]:
+        model, _ = _models.build_gpt(sequence_parallel=True)
+        _models.seed_full_params(model, seed=3)
+        for p in model.parameters():  # frozen linears: no weight-gradient all-gathers
+            p.requires_grad_(False)
+        if case is not None:
+            mm.apply_mole(model, _cfg(case))
+        model.embedding.word_embeddings.weight.requires_grad_(True)  # a gradient through every layer
+        TPPlacement.shares_sp_collectives = sharing if share else (lambda self, base=None: False)
+        try:
+            with collective_bytes(ps.get_tensor_model_parallel_group()) as moved:
+                model(inputs, pos, None, labels=labels).sum().backward()
+        finally:
+            TPPlacement.shares_sp_collectives = sharing
+        out[(case or "base") + ("" if share else " unshared")] = moved["bytes"]
+    return out
 
 
 def _run(case):
@@ -147,4 +187,12 @@ def test_mole_parity_tp_sp_pp(launch, case):
         assert max(r["tp_replica_diff"]) == 0.0, (rank, r["tp_replica_diff"])
         assert all(names == r["names"][0] for names in r["names"]), rank
         assert r["reload_diff"] <= 1e-5 * r["reload_scale"], (rank, r["reload_diff"])
-    assert len(res["names"][0]) == {"mlp": 2 * (4 + 5), "linear": 2 * 4 * 3}[CASES[case]["expert_scope"]]
+    # (routers carry their balance state, balance="global")
+    assert len(res["names"][0]) == {"mlp": 2 * (4 + 5 + 1), "linear": 2 * 4 * 4}[CASES[case]["expert_scope"]]
+    # Under TP2+SP the adapters share the base's all-gathers and reduce-scatters: beyond what
+    # Megatron's frozen layers move, only rank-r activations, gates and router logits cross
+    # TP ranks (hidden 64, rank 4, top-2); without the sharing they move much more.
+    moved = launch[0]["sp_bytes"]
+    ratio, unshared = moved[case] / moved["base"], moved[case + " unshared"] / moved["base"]
+    print(case, "TP2+SP bytes over the frozen base:", round(ratio, 3), "unshared:", round(unshared, 3), moved)
+    assert ratio < 1.3 and unshared > ratio + 0.3, (case, ratio, unshared, moved)

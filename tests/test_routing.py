@@ -12,7 +12,7 @@ from megatron_mole.routing import (
 
 
 def _cfg(**kw):
-    base = dict(num_experts=4, rank=2, top_k=2, aux_loss_coeff=0.1, z_loss_coeff=0.01)
+    base = dict(num_experts=4, rank=2, top_k=2, aux_loss_coeff=0.1, z_loss_coeff=0.01, balance="micro_batch")
     base.update(kw)
     return MoLEConfig(**base)
 

@@ -8,10 +8,12 @@ One launch runs several jobs through the real entry point (``megatron_mole.cli.m
   optimizer shards, scheduler, data position and dropout RNG all matter: dropout is on);
 - C/P/Q/D: resume A's step 2 without dropout at TP2 (C), PP2 (P), EP1 (Q) and at A's layout (D),
   one step: the adapters load at another layout, so C's, P's and Q's step-3 losses equal D's (the
-  optimizer is rebuilt in C, P and Q, which say so, and restored in D; a step's loss is computed
-  before its update);
+  optimizer state is resharded in C, P and Q, which say so; a step's loss is computed before its
+  update; test_train_resume.py checks the steps after it);
 - E: ``--strict`` refuses the data's bad lines (exit status 2); A reports them, with line numbers;
-- F: a fresh run saving into A's directory (which holds step 4) is refused before training.
+- F: a fresh run saving into A's directory (which holds step 4) is refused before training;
+- G: B again on A's data preprocessed (``data.prefix``, megatron-mole preprocess): B's losses bit
+  for bit (same rows, same sampler state).
 
 A separate job kills the process in the middle of its second checkpoint save: the first one stays
 loadable and ``latest`` still names it.
@@ -31,12 +33,8 @@ BAD_LINES = {3: "{not json", 7: json.dumps({"messages": [{"role": "user", "conte
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    from megatron_mole.training.quickstart import build_base, convert
-
-    work = tmp_path_factory.mktemp("train")
-    hf_dir = build_base(work, seed=0, examples_per_domain=16, pretrain_steps=0)
-    convert(hf_dir, work / "mcore")
+def work(tiny_train_base):
+    work, hf_dir = tiny_train_base, tiny_train_base / "hf_base"
     lines = (work / "data" / "train.jsonl").read_text().splitlines()
     for number, text in sorted(BAD_LINES.items()):
         lines.insert(number - 1, text)
@@ -52,6 +50,9 @@ def work(tmp_path_factory):
         "logging": {"progress": False},
     }
     (work / "config.yaml").write_text(yaml.safe_dump(config))
+    from megatron_mole.training.preprocess import preprocess
+
+    preprocess([work / "data" / "bad.jsonl"], hf_dir, work / "prefix", workers=1)
     return work
 
 
@@ -74,8 +75,11 @@ def _jobs(work):
         result = train(load_train_config(cfg, layout + ["mole.dropout=0.0"], {
             "checkpoint.load_dir": str(work / "A"), "checkpoint.load_step": 2, "schedule.max_steps": 3}))
         out[name] = {"loss": result.records[0]["loss"], "start": result.start_step,
-                     "rebuilt": result.optimizer_rebuilt, "record": result.records[0],
+                     "resharded": result.resharded, "record": result.records[0],
                      "bad": [str(b) for b in result.data_report.bad_lines], "params": result.adapter_params}
+    # G: B on the preprocessed copy of A's data (data.prefix): same losses, bit for bit
+    out["G"] = main(["train", "--config", cfg, "--set", "data.paths=[]", "--set", f"data.prefix={work / 'prefix'}",
+                     "--load", str(work / "A"), "--load-step", "2", "--log-jsonl", str(work / "G.jsonl")])
     out["E"] = main(["train", "--config", cfg, "--strict"])
     out["F"] = main(["train", "--config", cfg, "--save", str(work / "A")])  # A holds step 4: refused
     return out
@@ -87,12 +91,13 @@ def test_resume_exact_and_at_another_layout(work, capfd):
     a, b = _losses(work / "A.jsonl"), _losses(work / "B.jsonl")
     assert sorted(a) == [1, 2, 3, 4] and sorted(b) == [3, 4]
     assert [b[3], b[4]] == [a[3], a[4]]  # bit for bit
+    assert rank0["G"] == rank1["G"] == 0 and _losses(work / "G.jsonl") == b  # the preprocessed data path
     assert a[4] < a[1]
 
     d = rank0["D"]
-    assert d["start"] == 2 and not d["rebuilt"]
+    assert d["start"] == 2 and not d["resharded"]
     for other in ("C", "P", "Q"):
-        assert rank0[other]["start"] == 2 and rank0[other]["rebuilt"]
+        assert rank0[other]["start"] == 2 and rank0[other]["resharded"]
         assert rank0[other]["loss"] == pytest.approx(d["loss"], rel=1e-5), other
     p = rank0["P"]
     # the memory estimate counts exactly the adapter elements each rank holds (EP2, TP2, PP2 stages, EP1)
@@ -118,7 +123,7 @@ def test_resume_exact_and_at_another_layout(work, capfd):
     assert rank0["E"] == rank1["E"] == rank0["F"] == rank1["F"] == 2
     captured = capfd.readouterr()
     assert f"{path}:3: invalid JSON" in captured.out + captured.err
-    assert "optimizer state rebuilt" in captured.out
+    assert "adapters and optimizer state resharded" in captured.out
     assert f"{work / 'A'} already holds step_4, beyond this run's start (step 0)" in captured.err
 
 
@@ -148,7 +153,8 @@ def test_killed_save_leaves_previous_checkpoint(work, tmp_path):
     checkpoint = ckpt_io.load_checkpoint(tmp_path, rank=0)
     assert checkpoint.step == 1 and checkpoint.shared["data"]["position"] > 0
     assert any(name.endswith("mole.router.weight") for name in checkpoint.shared["adapters"])
-    assert checkpoint.rank_state["optimizer"] and (tmp_path / ".tmp_step_2").is_dir()
+    assert checkpoint.shared["optimizer"]["adam_step"] == 1 and (tmp_path / ".tmp_step_2").is_dir()
+    assert any(checkpoint.collective_dir.iterdir())  # the optimizer state, hashed in the manifest
 
 
 def test_unknown_config_key_is_refused(work, capsys):

@@ -37,7 +37,7 @@ def test_logging_memory_stays_flat_over_many_steps(tmp_path):
 
     def step(n):
         for layer, router in routers.items():
-            AUX_LOSS_TRACKER.record(layer, router(x_TD, mask_T=None).stats)
+            AUX_LOSS_TRACKER.record(layer, router(x_TD).stats)
         aux, load = gather_router_stats(monitor)
         record = {"step": n, "loss": 1.0 / n, "domain_loss": {"a": 1.0, "b": 2.0}, "aux": aux,
                   "aux_loss": weighted_aux_loss(aux, cfg), "expert_load": load, "lr": 1e-4, "grad_norm": 0.5,

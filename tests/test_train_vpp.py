@@ -1,5 +1,7 @@
 """Virtual pipeline stages: `train` at PP4 x VPP2 (Megatron's interleaved schedule, two model chunks per
-rank) reproduces PP4's losses on a tiny 8-layer Llama, 4 gloo processes, adapters training (2 steps)."""
+rank) reproduces PP4's losses, and PP2 x VPP2 x DP2 PP2 x DP2's, on a tiny 8-layer Llama, 4 gloo
+processes, adapters training (2 steps). At pp=2 the loop uses unbatched p2p ops (with Megatron's
+batched ones the losses differed: tests/test_megatron_p2p.py)."""
 import pytest
 import yaml
 
@@ -11,7 +13,8 @@ def _losses(config_path):
     from megatron_mole.training.train_config import load_train_config
 
     runs = {}
-    for name, extra in (("pp4", []), ("pp4_vpp2", ["parallel.vpp=2"])):
+    for name, extra in (("pp4", []), ("pp4_vpp2", ["parallel.vpp=2"]), ("pp2", ["parallel.pp=2"]),
+                        ("pp2_vpp2", ["parallel.pp=2", "parallel.vpp=2"])):
         result = train(load_train_config(config_path, extra))
         runs[name] = [r["loss"] for r in result.records]
     return runs
@@ -35,3 +38,5 @@ def test_interleaved_pipeline_matches_plain_pipeline(tmp_path):
     runs = run_distributed(_losses, 4, str(tmp_path / "config.yaml"), timeout=600)[0]
     assert len(runs["pp4"]) == 2 and runs["pp4"][1] != runs["pp4"][0]  # the second step sees trained adapters
     assert runs["pp4_vpp2"] == pytest.approx(runs["pp4"], rel=1e-6)
+    assert runs["pp2_vpp2"] == pytest.approx(runs["pp2"], rel=1e-6)
+    assert runs["pp2"] == pytest.approx(runs["pp4"], rel=1e-5)

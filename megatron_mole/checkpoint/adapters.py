@@ -39,6 +39,7 @@ from megatron_mole.hf.format import (
     WEIGHTS_NAME,
     check_shared,
     hf_linear_modules,
+    mole_config,
     read_adapter_dir,
     tensor_links,
 )
@@ -51,7 +52,6 @@ __all__ = ["save_adapter", "load_saved_adapter", "plan_groups", "megatron_to_hf"
 SAVED_FORMAT = "megatron_mole.adapter_state/1"
 SAVED_CONFIG = "megatron_adapter.json"
 SAVED_WEIGHTS = "megatron_adapter.safetensors"
-_SUFFIXES = ("lora.lora_a", "lora.lora_b", "mole.router.weight", "mole.lora_a", "mole.lora_b")
 _SPLIT_OPS = ("copy", "qkv", "concat")
 
 
@@ -92,11 +92,26 @@ def load_saved_adapter(directory: str) -> Tuple[Dict[str, torch.Tensor], dict, d
 
 
 # ---------------------------------------------------------------- groups and mapping
-def _split_name(name: str) -> Tuple[str, str]:
-    for suffix in _SUFFIXES:
+def _layouts(cfg) -> List[Tuple[object, Dict[str, frozenset]]]:
+    """Per registered adapter kind: the tensor names it puts at each module prefix
+    (``""``: the unit's own; a linear name: below that linear), from its spec."""
+    from megatron_mole.layers import ADAPTER_KINDS
+
+    out = []
+    for kind in ADAPTER_KINDS.values():
+        names: Dict[str, set] = {}
+        for t in kind.layout(cfg):
+            where, name = (t.linear, t.name[len(t.linear) + 1:]) if t.per_linear else ("", t.name)
+            names.setdefault(where, set()).add(name)
+        out.append((kind, {k: frozenset(v) for k, v in names.items()}))
+    return out
+
+
+def _split_name(name: str, suffixes) -> Tuple[str, str]:
+    for suffix in sorted(suffixes, key=len, reverse=True):
         if name.endswith("." + suffix):
             return name[: -len(suffix) - 1], suffix
-    raise CheckpointError(f"adapter tensor {name!r} has no known suffix ({', '.join(_SUFFIXES)})")
+    raise CheckpointError(f"adapter tensor {name!r} has no known suffix ({', '.join(sorted(suffixes))})")
 
 
 def _weight_rules(spec: dict) -> Dict[str, keymaps.RuleInstance]:
@@ -114,35 +129,44 @@ def _hf_modules(inst: keymaps.RuleInstance, prefix: str) -> List[str]:
     return [h[: -len(".weight")] for h in inst.hf]
 
 
-def plan_groups(sd: Dict[str, torch.Tensor], spec: dict) -> List[dict]:
-    """One group (hf/format.py) per adapted Megatron module of ``sd``, via the base's key maps."""
+def plan_groups(sd: Dict[str, torch.Tensor], spec: dict, cfg) -> List[dict]:
+    """One group (hf/format.py) per adapted Megatron module of ``sd``, via the base's key maps
+    and the adapter kinds' specs (``cfg``: the adapter's MoLEConfig or its dict)."""
+    layouts = _layouts(mole_config(cfg))
     rules = _weight_rules(spec)
+    suffixes = {n for _, names in layouts for group in names.values() for n in group}
     by_prefix: Dict[str, set] = {}
     for name in sd:
-        prefix, suffix = _split_name(name)
+        prefix, suffix = _split_name(name, suffixes)
         by_prefix.setdefault(prefix, set()).add(suffix)
-    groups, in_mlp = [], set()
+    groups, in_unit = [], set()
     for prefix in sorted(by_prefix):
-        suffixes = by_prefix[prefix]
+        found = by_prefix[prefix]
         if f"{prefix}.weight" in rules:
-            continue  # a linear: handled below, unless it belongs to an MLP group
+            continue  # a linear: handled below, unless it belongs to an MLP unit
+        units = [(kind, names) for kind, names in layouts if kind.unit == "mlp" and names.get("") == found]
         fc = {lin: rules.get(f"{prefix}.{lin}.weight") for lin in ("linear_fc1", "linear_fc2")}
-        if suffixes != {"mole.router.weight"} or None in fc.values():
-            raise CheckpointError(f"adapter tensors {sorted(prefix + '.' + s for s in suffixes)} belong to no "
+        if not units or None in fc.values():
+            raise CheckpointError(f"adapter tensors {sorted(prefix + '.' + s for s in found)} belong to no "
                                   f"linear or MLP of the {spec['architecture']} base")
+        kind, names = units[0]
         linears = {lin: _hf_modules(inst, f"{prefix}.{lin}") for lin, inst in fc.items()}
         parent = os.path.commonpath([m.replace(".", "/") for ms in linears.values() for m in ms]).replace("/", ".")
-        adapted = [lin for lin in ("linear_fc1", "linear_fc2") if f"{prefix}.{lin}" in by_prefix]
-        in_mlp.update(f"{prefix}.{lin}" for lin in adapted)
-        groups.append({"kind": "mole_mlp", "megatron": prefix, "hf": parent, "adapted": adapted,
+        adapted = [lin for lin in ("linear_fc1", "linear_fc2")
+                   if by_prefix.get(f"{prefix}.{lin}") == names.get(lin)]
+        in_unit.update(f"{prefix}.{lin}" for lin in adapted)
+        groups.append({"kind": kind.name, "megatron": prefix, "hf": parent, "adapted": adapted,
                        "linears": {lin: [m[len(parent) + 1:] for m in ms] for lin, ms in linears.items()}})
     for prefix in sorted(by_prefix):
-        if prefix in in_mlp or f"{prefix}.weight" not in rules:
+        if prefix in in_unit or f"{prefix}.weight" not in rules:
             continue
-        kind = "lora" if "lora.lora_a" in by_prefix[prefix] else "mole_linear"
+        kinds = [kind for kind, names in layouts if kind.unit == "linear" and names.get("") == by_prefix[prefix]]
+        if not kinds:
+            raise CheckpointError(f"adapter tensors {sorted(by_prefix[prefix])} at {prefix!r} match no adapter "
+                                  f"kind's tensors")
         inst = rules[f"{prefix}.weight"]
-        groups.append({"kind": kind, "megatron": prefix, "hf": _hf_modules(inst, prefix), "op": inst.op})
-    expected = {m for g in groups for m, _, _ in tensor_links(g)}
+        groups.append({"kind": kinds[0].name, "megatron": prefix, "hf": _hf_modules(inst, prefix), "op": inst.op})
+    expected = {m for g in groups for m, _, _ in tensor_links(g, cfg)}
     if expected != set(sd):
         raise CheckpointError(f"adapter tensors missing {sorted(expected - set(sd))[:4]} or unexpected "
                               f"{sorted(set(sd) - expected)[:4]} for their modules")
@@ -160,10 +184,10 @@ def _join_rows(op: str, parts: List[torch.Tensor], shapes: dict) -> torch.Tensor
     return fused.movedim(0, -2).contiguous()
 
 
-def megatron_to_hf(sd: Dict[str, torch.Tensor], groups: List[dict], shapes: dict) -> Dict[str, torch.Tensor]:
+def megatron_to_hf(sd: Dict[str, torch.Tensor], groups: List[dict], shapes: dict, cfg) -> Dict[str, torch.Tensor]:
     out = {}
     for group in groups:
-        for megatron_name, hf_names, how in tensor_links(group):
+        for megatron_name, hf_names, how in tensor_links(group, cfg):
             value = sd[megatron_name]
             # shared tensors get a copy per name: safetensors refuses shared storage
             parts = [value.clone() for _ in hf_names] if how == "shared" else _split_rows(how, value, shapes)
@@ -172,10 +196,10 @@ def megatron_to_hf(sd: Dict[str, torch.Tensor], groups: List[dict], shapes: dict
     return out
 
 
-def hf_to_megatron(tensors: Dict[str, torch.Tensor], groups: List[dict], shapes: dict) -> Dict[str, torch.Tensor]:
+def hf_to_megatron(tensors: Dict[str, torch.Tensor], groups: List[dict], shapes: dict, cfg) -> Dict[str, torch.Tensor]:
     out = {}
     for group in groups:
-        for megatron_name, hf_names, how in tensor_links(group):
+        for megatron_name, hf_names, how in tensor_links(group, cfg):
             if how == "shared":
                 out[megatron_name] = check_shared(hf_names, tensors).clone()
             else:
@@ -218,8 +242,8 @@ def adapter_config(cfg: dict, spec: dict, groups: List[dict], base_ref: dict) ->
 def to_hf_adapter(sd: Dict[str, torch.Tensor], cfg, spec: dict, base_ref: Optional[dict] = None):
     """(adapter config, tensors under Hugging Face names) of a Megatron adapter state dict."""
     cfg = _cfg_dict(cfg)
-    groups = plan_groups(sd, spec)
-    return adapter_config(cfg, spec, groups, base_ref or {}), megatron_to_hf(sd, groups, spec["shapes"])
+    groups = plan_groups(sd, spec, cfg)
+    return adapter_config(cfg, spec, groups, base_ref or {}), megatron_to_hf(sd, groups, spec["shapes"], cfg)
 
 
 def write_adapter_dir(directory: str, config: dict, tensors: Dict[str, torch.Tensor]) -> None:
@@ -245,7 +269,7 @@ def import_adapter(adapter_dir: str):
     from megatron_mole.config import MoLEConfig
 
     config, tensors = read_adapter_dir(adapter_dir)
-    sd = hf_to_megatron(tensors, config["modules"], config["shapes"])
+    sd = hf_to_megatron(tensors, config["modules"], config["shapes"], config["mole_config"])
     return sd, MoLEConfig.from_dict(config["mole_config"]), config
 
 

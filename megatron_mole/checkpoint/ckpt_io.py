@@ -5,8 +5,10 @@ Layout of ``ROOT`` (a directory every rank can see)::
     ROOT/latest              "step_N": the last complete checkpoint (the commit point)
     ROOT/step_N/shared.pt    written once by rank 0: adapters (full tensors, global names),
                              scheduler, data sampler position, base reference, config ...
-    ROOT/step_N/rank_00000.pt  one per rank: optimizer state, RNG states ...
-    ROOT/step_N/manifest.json  step, world size, and each file's size and sha256
+    ROOT/step_N/rank_00000.pt  one per rank: RNG states ...
+    ROOT/step_N/optimizer/   written by all ranks together (``collective``): the training loop's
+                             optimizer state in Megatron's dist_checkpointing format (optim_state.py)
+    ROOT/step_N/manifest.json  step, world size, and each file's size and sha256 (subfolders too)
 
 A save writes into ``ROOT/.tmp_step_N``, flushes and fsyncs every file, and only
 then does rank 0 rename the directory to ``step_N`` and replace ``latest`` (write
@@ -20,8 +22,9 @@ so a half-deleted directory never looks like a checkpoint.
 Multi-rank protocol (``barrier`` is any callable that blocks until every rank
 reached it, e.g. ``torch.distributed.barrier``; all ranks call ``save_checkpoint``
 with the same step): rank 0 prepares the temporary directory; barrier; each rank
-writes its file; barrier; rank 0 writes the shared file and the manifest (hashing
-all files), renames, updates ``latest``, prunes; barrier. On a network file system
+writes its file, then all ranks run ``collective(ROOT/.tmp_step_N/optimizer)``; barrier;
+rank 0 writes the shared file and the manifest (hashing all files), renames, updates
+``latest``, prunes; barrier. On a network file system
 this relies on close-to-open consistency for rank 0 to see the others' files.
 
 Payloads are saved with ``torch.save`` and loaded with ``weights_only=True`` by
@@ -46,6 +49,7 @@ FORMAT_VERSION = 1
 LATEST = "latest"
 MANIFEST = "manifest.json"
 SHARED = "shared.pt"
+COLLECTIVE_DIR = "optimizer"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -76,6 +80,11 @@ def _write_durable(path: Path, data: bytes):
     with open(path, "wb") as handle:
         handle.write(data)
         handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_file(path: Path):
+    with open(path, "rb") as handle:
         os.fsync(handle.fileno())
 
 
@@ -138,6 +147,11 @@ def _commit(root: Path, step: int, tmp: Path, world_size: int, keep_last: int | 
                 continue
             raise CheckpointError(f"{path} was not written (rank {int(name[5:10])} did not save step {step})")
         files[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    collective = tmp / COLLECTIVE_DIR
+    for path in sorted(collective.rglob("*")) if collective.is_dir() else []:
+        if path.is_file():
+            _fsync_file(path)  # written by the ranks (dist_checkpointing); durable before the rename
+            files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     manifest = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size, "files": files}
     _write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     _fsync_dir(tmp)
@@ -163,12 +177,15 @@ def _commit(root: Path, step: int, tmp: Path, world_size: int, keep_last: int | 
 
 def save_checkpoint(root, step: int, rank_payload, *, shared_payload=None, rank: int = 0,
                     world_size: int = 1, barrier: Callable[[], None] | None = None,
-                    keep_last: int | None = None) -> Path:
+                    keep_last: int | None = None, collective: Callable[[Path], None] | None = None) -> Path:
     """Save this rank's part of checkpoint ``step`` under ``root``; returns ``root/step_N``.
 
     Every rank calls it with the same ``step``. ``rank_payload`` is this rank's state
-    (optimizer, RNG); ``shared_payload`` is taken from rank 0 only (adapters,
-    scheduler, sampler, base reference). ``keep_last`` keeps that many newest steps.
+    (RNG); ``shared_payload`` is taken from rank 0 only (adapters, scheduler, sampler,
+    base reference). ``collective(directory)`` (optional, called by every rank) writes
+    files all ranks save together into the existing, empty ``directory`` (the optimizer
+    state); they are hashed into the manifest like the others. ``keep_last`` keeps that
+    many newest steps.
     """
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
@@ -192,10 +209,14 @@ def save_checkpoint(root, step: int, rank_payload, *, shared_payload=None, rank:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
+        if collective is not None:
+            (tmp / COLLECTIVE_DIR).mkdir()
     barrier()
     if not tmp.is_dir():
         raise CheckpointError(f"rank {rank}: {tmp} does not exist after the barrier; is {root} shared by all ranks?")
     _write_durable(tmp / rank_file(rank), _serialize(rank_payload))
+    if collective is not None:
+        collective(tmp / COLLECTIVE_DIR)
     if rank == 0 and shared_payload is not None:
         _write_durable(tmp / SHARED, _serialize(shared_payload))
     barrier()
@@ -211,6 +232,7 @@ class Checkpoint:
     world_size: int  # ranks that saved it
     shared: object  # shared_payload, or None if none was saved
     rank_state: object  # this rank's rank_payload; None when not asked for
+    collective_dir: Path | None = None  # the files all ranks saved together (verified), or None
 
 
 def _read_manifest(path: Path) -> dict:
@@ -225,9 +247,7 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _load_file(path: Path, entry: dict | None, weights_only: bool):
-    if entry is None:
-        raise CheckpointError(f"{path} is not listed in {path.parent / MANIFEST}")
+def _check_file(path: Path, entry: dict):
     if not path.is_file():
         raise CheckpointError(f"{path} is missing (listed in the manifest)")
     size = path.stat().st_size
@@ -235,6 +255,12 @@ def _load_file(path: Path, entry: dict | None, weights_only: bool):
         raise CheckpointError(f"{path} is corrupt: {size} bytes, the manifest says {entry['bytes']}")
     if _sha256(path) != entry["sha256"]:
         raise CheckpointError(f"{path} is corrupt: sha256 differs from the manifest")
+
+
+def _load_file(path: Path, entry: dict | None, weights_only: bool):
+    if entry is None:
+        raise CheckpointError(f"{path} is not listed in {path.parent / MANIFEST}")
+    _check_file(path, entry)
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad file
@@ -270,18 +296,23 @@ def load_checkpoint(root, step: int | None = None, *, rank: int | None = None,
         if not 0 <= rank < world_size:
             raise CheckpointError(f"{path} was saved by {world_size} ranks; it has no state for rank {rank}")
         rank_state = _load_file(path / rank_file(rank), files.get(rank_file(rank)), weights_only)
-    return Checkpoint(step, path, world_size, shared, rank_state)
+    collective = [name for name in files if name.startswith(COLLECTIVE_DIR + "/")]
+    for name in collective:
+        _check_file(path / name, files[name])
+    return Checkpoint(step, path, world_size, shared, rank_state, path / COLLECTIVE_DIR if collective else None)
 
 
-def training_payloads(*, step: int, adapters: dict, optimizer_state, scheduler_state, sampler_state: dict,
-                      base: dict, layout: dict, config: dict | None = None) -> tuple:
+def training_payloads(*, step: int, adapters: dict, scheduler_state, sampler_state: dict, base: dict,
+                      layout: dict, config: dict | None = None, optimizer_state=None) -> tuple:
     """(shared_payload, rank_payload) in the layout the training loop saves and resumes from.
 
     shared (rank 0's is written): ``step``, ``adapters`` (full tensors with global
     names, e.g. ``adapter_state_dict(model)``, moved to the CPU), ``scheduler``,
     ``data`` (the sampler's state dict), ``base`` (a reference such as
-    ``{"checkpoint": DIR}``), ``layout`` and ``config``. rank: ``optimizer``,
-    ``rng`` (``capture_rng_state()``) and ``layout``; the per-rank state only
+    ``{"checkpoint": DIR}``), ``layout`` and ``config``. rank: ``optimizer`` (a
+    per-rank optimizer state, e.g. a plain torch optimizer's; the training loop saves
+    its optimizer through ``collective`` instead), ``rng`` (``capture_rng_state()``)
+    and ``layout``; the per-rank state only
     applies at the same ``layout`` (e.g. ``{"tp":, "pp":, "ep":, "dp":}``), which
     the loop compares before loading it.
     """

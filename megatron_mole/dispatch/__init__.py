@@ -1,12 +1,16 @@
 """Token dispatch to LoRA experts: ``permute`` tokens into expert-sorted rows,
 ``combine`` expert outputs back (autograd through index_select / all-to-all).
 
+``seam.ExpertDispatch`` is the one interface wrappers use. Behind it:
 ``LocalDispatcher`` keeps every expert on this rank; ``AllToAllDispatcher``
 reaches the experts of an expert-parallel group with the same interface;
-``cost`` models which of the two moves fewer bytes. Which one a layer uses is
-decided by layers/expert_parallel.py.
+``tp_split`` splits that dispatch over the TP ranks holding the same tokens;
+``sharding`` decides where a unit's experts live, with ``cost`` modelling which
+mode moves fewer bytes.
 """
 from megatron_mole.dispatch.alltoall import AllToAllDispatcher, AllToAllPlan
 from megatron_mole.dispatch.local import DispatchPlan, LocalDispatcher
+from megatron_mole.dispatch.seam import DispatchHandle, ExpertDispatch, build_dispatch
 
-__all__ = ["AllToAllDispatcher", "AllToAllPlan", "DispatchPlan", "LocalDispatcher"]
+__all__ = ["AllToAllDispatcher", "AllToAllPlan", "DispatchHandle", "DispatchPlan", "ExpertDispatch",
+           "LocalDispatcher", "build_dispatch"]

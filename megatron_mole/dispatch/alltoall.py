@@ -10,7 +10,9 @@ so layers do not know which one they use.
 Steps (forward; backward mirrors each one, being made of autograd functions):
   1. sort the T·K (token, slot) assignments by global expert (one stable argsort):
      rows bound for rank r are then contiguous, ordered by expert;
-  2. exchange the per-expert counts (one small ``all_to_all_single``);
+  2. exchange the per-expert counts (one small ``all_to_all_single``) and read
+     them on the host: the dispatch's one device -> host transfer (counts come
+     from a search over the sorted keys, not ``bincount``, which syncs on GPUs);
   3. exchange the rows with uneven splits (``all_to_all_single``; gloo and nccl);
   4. received rows are grouped (source rank, local expert): one gather regroups
      them by local expert for the grouped matmul;
@@ -70,18 +72,27 @@ def all_to_all(x: torch.Tensor, out_splits: List[int], in_splits: List[int], gro
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
 
 
-def regroup_index(counts_PL: torch.Tensor) -> torch.Tensor:
+def group_counts(sorted_key: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Rows per group 0..num_groups-1 of ascending keys (keys >= num_groups are not
+    counted), on the keys' device: a search, no host sync (bincount syncs on GPUs)."""
+    bounds = torch.searchsorted(sorted_key, torch.arange(num_groups + 1, device=sorted_key.device,
+                                                         dtype=sorted_key.dtype))
+    return bounds[1:] - bounds[:-1]
+
+
+def regroup_index(counts_PL: List[List[int]], device=None) -> torch.Tensor:
     """Index that reorders rows laid out (source p, expert l)-major into
-    (expert l, source p)-major, given the rows per (p, l)."""
-    flat = counts_PL.reshape(-1)
-    src_starts = (torch.cumsum(flat, 0) - flat).view_as(counts_PL)
-    lp_counts = counts_PL.t().reshape(-1)
+    (expert l, source p)-major, given the rows per (p, l) as host ints (no sync)."""
+    total = sum(map(sum, counts_PL))
+    counts = torch.tensor(counts_PL, dtype=torch.int64, device=device)
+    flat = counts.reshape(-1)
+    src_starts = (torch.cumsum(flat, 0) - flat).view_as(counts)
+    lp_counts = counts.t().reshape(-1)
     lp_starts = src_starts.t().reshape(-1)
-    total = int(lp_counts.sum())
-    offsets = torch.arange(total, device=counts_PL.device) - torch.repeat_interleave(
-        torch.cumsum(lp_counts, 0) - lp_counts, lp_counts
+    offsets = torch.arange(total, device=device) - torch.repeat_interleave(
+        torch.cumsum(lp_counts, 0) - lp_counts, lp_counts, output_size=total
     )
-    return torch.repeat_interleave(lp_starts, lp_counts) + offsets
+    return torch.repeat_interleave(lp_starts, lp_counts, output_size=total) + offsets
 
 
 def ungroup(rows: torch.Tensor, regroup: torch.Tensor) -> torch.Tensor:
@@ -99,6 +110,8 @@ class AllToAllPlan:
     recv_splits: List[int]       # rows received from each ep rank
     regroup_S: torch.Tensor      # received row feeding each expert-grouped row
     counts_G: List[int]          # rows per local expert (grouped matmul segments)
+    peer_counts: Optional[List[List[int]]] = None  # rows per local expert of each TP peer (TP split)
+    dropped_fraction: Optional[torch.Tensor] = None  # of the used assignments, by capacity (device)
 
     @property
     def num_rows(self) -> int:
@@ -128,49 +141,66 @@ class AllToAllDispatcher:
         # rank of each assignment inside its expert by descending gate (stable on ties)
         by_gate = torch.argsort(-gates_A.detach().float(), stable=True)
         by_expert = by_gate[torch.argsort(expert_A[by_gate], stable=True)]
-        counts_E = torch.bincount(expert_A, minlength=self.num_experts)
+        counts_E = group_counts(expert_A[by_expert], self.num_experts + 1)  # + unused slots
         starts_E = torch.cumsum(counts_E, 0) - counts_E
         position = torch.empty_like(expert_A)
         position[by_expert] = torch.arange(expert_A.numel(), device=expert_A.device) - torch.repeat_interleave(
-            starts_E, counts_E
+            starts_E, counts_E, output_size=expert_A.numel()
         )
         return position < capacity
 
-    def permute(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gates_TK: Optional[torch.Tensor] = None):
+    def permute(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gates_TK: Optional[torch.Tensor] = None,
+                valid_TK: Optional[torch.Tensor] = None, tp_group=None):
         """-> (x_SD, gates_S or None, plan): rows for this rank's experts, by local expert.
+        ``tp_group``: the TP ranks splitting this dispatch (dispatch/tp_split.py): their
+        per-expert counts come with the same host transfer (``plan.peer_counts``).
 
         ``gates_TK`` may carry channels ([T, K, C]; capacity drops rank by channel 0):
-        they reach the expert rank as ``gates_S`` [S, C]."""
+        they reach the expert rank as ``gates_S`` [S, C]. ``valid_TK`` False: an
+        unused slot (variable experts per token), never sent, adds 0."""
         num_tokens, top_k = expert_idx_TK.shape
         if x_TD.shape[0] != num_tokens:
             raise ValueError(f"permute: x_TD has {x_TD.shape[0]} rows, expert_idx_TK {num_tokens}")
         expert_A = expert_idx_TK.t().reshape(-1)  # slot-major flat j*T + t
-        kept_A = None
+        if valid_TK is not None:  # unused slots sort past every expert, like dropped ones
+            expert_A = torch.where(valid_TK.t().reshape(-1), expert_A, torch.full_like(expert_A, self.num_experts))
+        kept_A = dropped_fraction = None
         if self.capacity_factor is not None and gates_TK is not None:
             first_channel_TK = gates_TK if gates_TK.dim() == 2 else gates_TK[..., 0]
             keep = self._keep_mask(expert_A, first_channel_TK.t().reshape(-1), expert_A.numel())
             kept_A = keep
+            used_A = expert_A < self.num_experts
+            dropped_fraction = (used_A & ~keep).sum() / used_A.sum().clamp(min=1)
             # dropped assignments sort past every expert and are never sent
             expert_A = torch.where(keep, expert_A, torch.full_like(expert_A, self.num_experts))
         order_A = torch.argsort(expert_A, stable=True)
-        counts_E = torch.bincount(expert_A, minlength=self.num_experts + 1)[: self.num_experts]
-        # 2. counts: [P, L] sent -> [P, L] received (one tiny all-to-all)
-        recv_counts_PL = torch.empty_like(counts_E)
+        counts_E = group_counts(expert_A.index_select(0, order_A), self.num_experts)
+        # 2. counts: [P, L] sent -> [P, L] received (one tiny all-to-all); with a TP
+        # split, the TP peers' received counts too (one tiny all-gather); then the
+        # dispatch's one device -> host transfer
+        recv_counts = torch.empty_like(counts_E)
         if self.ep_size > 1:
-            dist.all_to_all_single(recv_counts_PL, counts_E, group=self.group)
+            dist.all_to_all_single(recv_counts, counts_E, group=self.group)
         else:
-            recv_counts_PL.copy_(counts_E)
-        counts_PL = counts_E.view(self.ep_size, self.num_local)
-        recv_counts_PL = recv_counts_PL.view(self.ep_size, self.num_local)
-        send_splits = counts_PL.sum(1).tolist()
-        recv_splits = recv_counts_PL.sum(1).tolist()
+            recv_counts.copy_(counts_E)
+        fetch = [counts_E, recv_counts]
+        if tp_group is not None:
+            peers = [torch.empty_like(recv_counts) for _ in range(dist.get_world_size(tp_group))]
+            dist.all_gather(peers, recv_counts, group=tp_group)
+            fetch += peers
+        host = torch.cat(fetch).view(len(fetch), self.ep_size, self.num_local).tolist()
+        counts_PL, recv_counts_PL = host[0], host[1]
+        send_splits = [sum(row) for row in counts_PL]
+        recv_splits = [sum(row) for row in recv_counts_PL]
         # 4. received rows are (source, local expert)-major; regroup by local expert
-        regroup_S = regroup_index(recv_counts_PL)
-        counts_G = recv_counts_PL.sum(0).tolist()
+        regroup_S = regroup_index(recv_counts_PL, x_TD.device)
+        counts_G = [sum(col) for col in zip(*recv_counts_PL)]
+        peer_counts = [[sum(col) for col in zip(*peer)] for peer in host[2:]] or None
         num_sent = sum(send_splits)
         sent_A = order_A[:num_sent]
         tok_A = sent_A % num_tokens if top_k > 1 else sent_A
-        plan = AllToAllPlan(num_tokens, top_k, order_A, kept_A, send_splits, recv_splits, regroup_S, counts_G)
+        plan = AllToAllPlan(num_tokens, top_k, order_A, kept_A, send_splits, recv_splits, regroup_S, counts_G,
+                            peer_counts, dropped_fraction)
         x_SD = all_to_all(x_TD.index_select(0, tok_A), recv_splits, send_splits, self.group)
         x_SD = x_SD.index_select(0, regroup_S)
         gates_S = None

@@ -54,6 +54,7 @@ def estimate(
     act_bytes: int = 4,
     param_bytes: int = 4,
     grad_bytes: int = 4,
+    params_per_expert: Optional[int] = None,
 ) -> DispatchCost:
     """Bytes one rank moves per step for one MoLE unit (see module docstring).
 
@@ -61,8 +62,11 @@ def estimate(
     scope "linear", fc1 then fc2 for scope "mlp". Dispatch sends the first one's
     input and returns the last one's output (the MLP's input and output).
     ``dp`` is the data-parallel size of the dense part (world / (tp * pp)).
+    ``params_per_expert``: from the adapter kind's spec (layers/specs.py); without
+    it, a LoRA expert of ``rank`` on each linear.
     """
-    params_per_expert = sum(rank * (d_in + d_out) for d_in, d_out in linears)
+    if params_per_expert is None:
+        params_per_expert = sum(rank * (d_in + d_out) for d_in, d_out in linears)
     d_send, d_back = linears[0][0], linears[-1][1]
     rows = tokens_per_rank * top_k
     if mode == "replicated":

@@ -20,12 +20,14 @@ def tensor_seed(seed: int, name: str) -> int:
 def full_init(name: str, shape, kind: str, fan_in: int, seed: int) -> torch.Tensor:
     """fp32 CPU tensor of ``shape``.
 
-    kinds: ``"zeros"``; ``"kaiming"``: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    kinds: ``"zeros"``; ``"mean"`` (1 / last dim); ``"kaiming"``: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)),
     what PEFT's ``kaiming_uniform_(a=sqrt(5))`` gives LoRA A (and nn.Linear
     gives weights), used for A, routers and ``lora_b_init="random"``.
     """
     if kind == "zeros":
         return torch.zeros(shape, dtype=torch.float32)
+    if kind == "mean":  # every entry 1 / (last dim): a uniform distribution
+        return torch.full(shape, 1.0 / shape[-1], dtype=torch.float32)
     if kind != "kaiming":
         raise ValueError(f"unknown init kind {kind!r} for tensor {name!r}")
     gen = torch.Generator(device="cpu")

@@ -3,8 +3,11 @@
 Shapes follow nn.Linear: A maps in -> r, B maps r -> out. Expert tensors put
 the expert dimension first (``lora_a_ERI``, ``lora_b_EOR``) so expert
 parallelism shards dim 0 with global id = local id + ep_rank * E_local. These
-modules hold weights and do the two matmuls; routing, dropout, gates, scaling
-and communication are the caller's (layers/).
+modules hold weights and do the two matmuls; ``block`` is the one expert block
+every wrapper runs: dropout -> down -> gate, scale and complete over TP -> up,
+with the TP plumbing (dropout RNG, the r-dim reduction) supplied by the caller's
+placement object (layers/parallel.py); routing and communication are the
+caller's (layers/, dispatch/).
 
 Legend: S sorted rows, T tokens, E experts, G groups (= E * number of top-k
 slots when rows are slot-major), R rank, I in features, O out features.
@@ -56,3 +59,11 @@ class LoRAExperts(nn.Module):
 
     def up(self, u_SR: torch.Tensor, counts_G: Sequence[int]) -> torch.Tensor:
         return grouped_linear(u_SR, self._per_group(self.lora_b, counts_G), counts_G, self.backend)
+
+    def block(self, x_SI: torch.Tensor, gates_S: torch.Tensor, counts_G: Sequence[int], placement,
+              dropout: float, training: bool) -> torch.Tensor:
+        """sum-ready expert rows ``B_g (gates_S * A_g dropout(x))`` of each segment g;
+        ``gates_S`` already include the LoRA scaling."""
+        x_SI = placement.dropout(x_SI, dropout, training)
+        u_SR = placement.gate_and_reduce(self.down(x_SI, counts_G), gates_S)
+        return self.up(u_SR, counts_G)

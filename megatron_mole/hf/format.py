@@ -7,7 +7,10 @@ An adapter directory (written by ``megatron-mole export``) holds::
                                 global layer ids, experts stacked on dim 0 by global id
 
 ``modules`` lists one *group* per adapted Megatron module, which says how its tensors
-sit on the Hugging Face side:
+sit on the Hugging Face side. Which tensors a group has, and which of them are
+output rows, comes from its adapter kind's spec (layers/specs.py, ``group["kind"]``):
+output-row tensors (B) are split by the base converter's op, the others (A, routers)
+are stored once per Hugging Face linear. The built-in kinds:
 
 - ``{"kind": "lora" | "mole_linear", "megatron": P, "hf": [m, ...], "op": OP}``: one
   Megatron linear (a fused one maps to several HF linears: ``linear_qkv`` ->
@@ -34,39 +37,53 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 
+from megatron_mole.errors import MoleError
+
 FORMAT = "megatron_mole.adapter/1"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-KINDS = ("lora", "mole_linear", "mole_mlp")
 
 
-class AdapterFormatError(ValueError):
+class AdapterFormatError(MoleError, ValueError):
     """An adapter directory is missing, damaged or does not fit the model; names the file or tensor."""
 
 
-def _prefix(kind: str) -> str:
-    return "lora" if kind == "lora" else "mole"
+def group_kind(group: dict):
+    """The registered adapter kind of a module group."""
+    from megatron_mole.layers import ADAPTER_KINDS
+
+    kind = ADAPTER_KINDS.get(group["kind"])
+    if kind is None:
+        raise AdapterFormatError(f"module group {group['megatron']!r}: unknown kind {group['kind']!r} "
+                                 f"(known: {sorted(ADAPTER_KINDS)})")
+    return kind
 
 
-def tensor_links(group: dict) -> Iterator[Tuple[str, List[str], str]]:
+def mole_config(cfg):
+    """A MoLEConfig from a config or its dict (an exported ``mole_config``)."""
+    from megatron_mole.config import MoLEConfig
+
+    return cfg if isinstance(cfg, MoLEConfig) else MoLEConfig.from_dict(dict(cfg))
+
+
+def tensor_links(group: dict, cfg) -> Iterator[Tuple[str, List[str], str]]:
     """(Megatron tensor name, HF tensor names, ``"shared"`` or the op splitting B's rows)."""
-    kind, mp = group["kind"], group["megatron"]
-    if kind not in KINDS:
-        raise AdapterFormatError(f"module group {mp!r}: unknown kind {kind!r} (known: {KINDS})")
-    if kind in ("lora", "mole_linear"):
-        p = _prefix(kind)
-        if kind == "mole_linear":
-            yield f"{mp}.mole.router.weight", [f"{m}.mole.router.weight" for m in group["hf"]], "shared"
-        yield f"{mp}.{p}.lora_a", [f"{m}.{p}.lora_a" for m in group["hf"]], "shared"
-        yield f"{mp}.{p}.lora_b", [f"{m}.{p}.lora_b" for m in group["hf"]], group["op"]
-        return
-    hf = group["hf"]
-    yield f"{mp}.mole.router.weight", [f"{hf}.mole.router.weight"], "shared"
-    for linear in group["adapted"]:
-        names = group["linears"][linear]
-        op = "concat" if len(names) == 2 else "copy"
-        yield f"{mp}.{linear}.mole.lora_a", [f"{hf}.{n}.mole.lora_a" for n in names], "shared"
-        yield f"{mp}.{linear}.mole.lora_b", [f"{hf}.{n}.mole.lora_b" for n in names], op
+    kind, mp = group_kind(group), group["megatron"]
+    for t in kind.layout(mole_config(cfg)):
+        how = "shared"
+        if kind.unit == "linear":
+            names = [f"{m}.{t.name}" for m in group["hf"]]
+            how = group["op"] if t.out_dim is not None else how
+        elif not t.per_linear:  # a unit-level tensor (the MLP's router)
+            names = [f"{group['hf']}.{t.name}"]
+        elif t.linear in group["adapted"]:
+            hf_linears = group["linears"][t.linear]
+            names = [f"{group['hf']}.{n}.{t.name[len(t.linear) + 1:]}" for n in hf_linears]
+            if t.out_dim is not None:
+                how = "concat" if len(hf_linears) == 2 else "copy"
+        else:
+            continue
+        yield f"{mp}.{t.name}", names, how
 
 
 def hf_linear_modules(group: dict) -> List[str]:
@@ -110,7 +127,7 @@ def read_adapter_dir(directory: str):
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterFormatError(f"{weights_path} is truncated or not a safetensors file: {err}") from err
-    expected = {n for g in config["modules"] for _, names, _ in tensor_links(g) for n in names}
+    expected = {n for g in config["modules"] for _, names, _ in tensor_links(g, config["mole_config"]) for n in names}
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing:
         raise AdapterFormatError(f"{weights_path} lacks tensor(s) {missing[:4]} named by {CONFIG_NAME}")

@@ -26,15 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_mole.hf.format import AdapterFormatError, check_shared, read_adapter_dir, tensor_links
+from megatron_mole.hf.format import (AdapterFormatError, check_shared, group_kind, mole_config, read_adapter_dir,
+                                     tensor_links)
+from megatron_mole.layers import METHODS
 from megatron_mole.layers.base import AdapterWrapper
-from megatron_mole.layers.linear import LoRALinear, MoLELinear
 from megatron_mole.layers.mole_mlp import MoLEMLP
 
-__all__ = ["load_mole_adapter", "HFMoLEMLP"]
+__all__ = ["load_mole_adapter", "HFMoLEMLP", "hf_unit_class"]
 
-# Parameters that are one Megatron tensor for every wrapper of a linear group.
-_SHARED_PARAMS = {"lora": (("lora", "lora_a"),), "mole_linear": (("router", "weight"), ("mole", "lora_a"))}
 _ACTIVATIONS = {"silu": F.silu}
 
 
@@ -53,12 +52,25 @@ class _FusedGatedMLP(nn.Module):
         self.config = SimpleNamespace(activation_func=activation, gated_linear_unit=True)
 
 
-class HFMoLEMLP(MoLEMLP):
-    """MoLEMLP with transformers' MLP signature: a tensor in, a tensor out."""
+class _TransformersMLPSignature:
+    """Mixin: an MLP-unit adapter with transformers' MLP signature (tensor in, tensor out)."""
 
     def forward(self, x):
         out, _ = super().forward(x.reshape(-1, 1, x.shape[-1]))
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+_HF_UNITS = {}
+
+
+def hf_unit_class(cls: type) -> type:
+    """``cls`` (an MLP-unit adapter kind's wrapper) with transformers' MLP signature."""
+    if cls not in _HF_UNITS:
+        _HF_UNITS[cls] = type(f"HF{cls.__name__}", (_TransformersMLPSignature, cls), {})
+    return _HF_UNITS[cls]
+
+
+HFMoLEMLP = hf_unit_class(MoLEMLP)
 
 
 def _linear(model, name):
@@ -86,16 +98,19 @@ def _load(wrapper, tensors, adapter_dir):
 
 
 def _wrap_linears(model, group, cfg, tensors, adapter_dir):
-    cls = LoRALinear if group["kind"] == "lora" else MoLELinear
+    kind = group_kind(group)
     wrappers = []
     for name in group["hf"]:
-        wrapper = cls(_linear(model, name), cfg)
+        wrapper = kind.wrapper(_linear(model, name), cfg)
         wrapper.adapter_prefix = name
         _load(wrapper, tensors, adapter_dir)
         wrappers.append(wrapper)
-    for wrapper in wrappers[1:]:
-        for owner, attr in _SHARED_PARAMS[group["kind"]]:
-            setattr(getattr(wrapper, owner), attr, getattr(getattr(wrappers[0], owner), attr))
+    # tensors stored once per HF linear are one Megatron tensor: one Parameter
+    # (so q, k and v route identically, as the fused Megatron linear does)
+    for t in kind.layout(cfg):
+        if t.out_dim is None:
+            for wrapper in wrappers[1:]:
+                wrapper.tie_param(t.name, wrappers[0].param_of(t.name))
     for name, wrapper in zip(group["hf"], wrappers):
         _replace(model, name, wrapper)
 
@@ -103,27 +118,26 @@ def _wrap_linears(model, group, cfg, tensors, adapter_dir):
 def _wrap_mlp(model, group, cfg, tensors, adapter_dir, hidden_act):
     name = group["hf"]
     if hidden_act not in _ACTIVATIONS:
-        raise AdapterFormatError(f"expert_scope='mlp' on {name!r}: hidden_act={hidden_act!r} is not supported "
+        raise AdapterFormatError(f"an MLP adapter on {name!r}: hidden_act={hidden_act!r} is not supported "
                                  f"(supported: {sorted(_ACTIVATIONS)})")
     (gate, up), (down,) = group["linears"]["linear_fc1"], group["linears"]["linear_fc2"]
     shim = _FusedGatedMLP(*(_linear(model, f"{name}.{n}") for n in (gate, up, down)), _ACTIVATIONS[hidden_act])
-    wrapper = HFMoLEMLP(shim, cfg, "linear_fc1" in group["adapted"], "linear_fc2" in group["adapted"])
-    wrapper.adapter_prefix = name
-    # MoLEMLP's own tensor names below the MLP, with fc1's B rows fused back to [gate; up].
+    unit_cls = hf_unit_class(group_kind(group).wrapper)
+    unit = unit_cls(shim, cfg, "linear_fc1" in group["adapted"], "linear_fc2" in group["adapted"])
+    unit.adapter_prefix = name
+    # The unit's own tensor names below the MLP, with fc1's B rows fused back to [gate; up].
     local = {}
-    for megatron_name, hf_names, how in tensor_links(group):
+    for megatron_name, hf_names, how in tensor_links(group, cfg):
         value = tensors[hf_names[0]] if how == "shared" else torch.cat([tensors[n] for n in hf_names], dim=-2)
         local[name + megatron_name[len(group["megatron"]):]] = value
-    _load(wrapper, local, adapter_dir)
-    _replace(model, name, wrapper)
+    _load(unit, local, adapter_dir)
+    _replace(model, name, unit)
 
 
 def _mole_config(config):
-    from megatron_mole.config import MoLEConfig
-
     values = dict(config["mole_config"])
     values["dispatch"] = "local"  # one process: every expert is here
-    return MoLEConfig.from_dict(values)
+    return mole_config(values)
 
 
 def load_mole_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
@@ -141,18 +155,18 @@ def load_mole_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
     if base.get("model_type") and model_type != base["model_type"]:
         raise AdapterFormatError(f"{adapter_dir}: the adapter was trained on a {base['model_type']!r} base; "
                                  f"this model has model_type={model_type!r}")
-    if config.get("method") != "mole":
+    if config.get("method") not in METHODS:
         raise AdapterFormatError(f"{adapter_dir}: method {config.get('method')!r} is not supported by "
-                                 f"load_mole_adapter (supported: 'mole')")
+                                 f"load_mole_adapter (registered: {sorted(METHODS)})")
     if any(isinstance(m, AdapterWrapper) for m in model.modules()):
         raise AdapterFormatError("the model already holds adapters; load the adapter into a fresh model")
     cfg = _mole_config(config)
     hidden_act = getattr(model.config, "hidden_act", "silu")
     for group in config["modules"]:
-        for _, names, how in tensor_links(group):
+        for _, names, how in tensor_links(group, cfg):
             if how == "shared":
                 check_shared(names, tensors)
-        if group["kind"] == "mole_mlp":
+        if group_kind(group).unit == "mlp":
             _wrap_mlp(model, group, cfg, tensors, adapter_dir, hidden_act)
         else:
             _wrap_linears(model, group, cfg, tensors, adapter_dir)

@@ -1,12 +1,19 @@
-"""Adapter wrappers around Megatron-core modules.
+"""Adapter wrappers around Megatron-core modules, and the registries that name them.
 
+- ``specs``: one registered spec per adapter kind (names, shapes, TP/EP splits,
+  init, Hugging Face layout, parameter counts) and the method registry;
 - ``linear.LoRALinear`` / ``linear.MoLELinear``: a plain LoRA or a MoLE
   mixture (``expert_scope="linear"``) around one Column/RowParallelLinear
   (or a plain ``nn.Linear``);
 - ``mole_mlp.MoLEMLP``: the MLP-scope mixture (``expert_scope="mlp"``);
+- ``methods``: the built-in method ``"mole"``;
 - ``parallel``: the TP/SP placement of adapters, derived from the base layer;
-- ``expert_parallel``: expert sharding and the choice of dispatcher;
-- ``mlp_core``: the fused SwiGLU mixture; ``bench``: ``megatron-mole bench layer``.
+- ``context``: the routing context a model supplies to its adapters.
 
-Wrappers only wire routing/, dispatch/ and experts/ together.
+Wrappers only wire routing/, dispatch/ and experts/ together. Importing this
+package registers the built-in kinds and methods.
 """
+from megatron_mole.layers import linear, methods, mole_mlp  # noqa: F401  (registrations)
+from megatron_mole.layers.specs import ADAPTER_KINDS, METHODS, register_adapter_kind, register_method
+
+__all__ = ["ADAPTER_KINDS", "METHODS", "register_adapter_kind", "register_method"]

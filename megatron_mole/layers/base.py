@@ -1,13 +1,13 @@
-"""What every adapter wrapper shares: its list of adapter tensors (export name,
-parameter, TP split, init rule), layout-independent init, gather to full
-tensors and load from full tensors.
+"""What every adapter wrapper shares: its adapter tensors (bound from its kind's
+spec, layers/specs.py), layout-independent init, gather to full tensors and load
+from full tensors.
 
-Export names are ``{prefix}.{suffix}`` where ``prefix`` is the wrapped
-module's path with the global layer index (set by ``apply_mole``) and
-``suffix`` is fixed per wrapper (see README "Adapter tensor names").
+Export names are ``{prefix}.{name}`` where ``prefix`` is the wrapped module's
+path with the global layer index (set by ``apply_mole``) and ``name`` comes from
+the spec (README "Adapter tensor names").
 
-Expert tensors (``experts`` set) are split along dim 0 over expert
-parallelism before the TP split (layers/expert_parallel.py).
+Expert tensors are split along dim 0 over expert parallelism before the TP
+split (dispatch/sharding.py).
 
 Legend: E experts, R rank, I in features, O out features.
 """
@@ -17,8 +17,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from megatron_mole.dispatch.sharding import REPLICATED, ExpertSharding
 from megatron_mole.experts.init import full_init
-from megatron_mole.layers.expert_parallel import REPLICATED, ExpertSharding
+from megatron_mole.layers.specs import TensorSpec, UnitDims, kind_of
 
 
 @dataclass
@@ -30,6 +31,7 @@ class AdapterTensor:
     init: str                      # "kaiming" | "zeros"
     fan_in: int                    # full fan-in for the kaiming bound
     experts: ExpertSharding = REPLICATED  # dim 0 split over expert parallelism
+    spec: Optional[TensorSpec] = None
 
     def full_shape(self) -> Tuple[int, ...]:
         shape = list(self.param.shape)
@@ -40,12 +42,62 @@ class AdapterTensor:
 
 
 class AdapterWrapper(nn.Module):
-    """Base of the wrappers; subclasses fill ``adapter_tensors``."""
+    """Base of the wrappers. A subclass names its ``kind`` (a registered
+    AdapterKind), provides ``unit_dims()`` (full sizes) and ``placement_of(linear)``,
+    and maps spec tensor names to its attribute paths by ``param_rewrites``
+    (export-name prefix -> attribute-path prefix)."""
 
+    kind: str = "?"
     adapter_prefix: str = ""
+    sharding: ExpertSharding = REPLICATED
+    param_rewrites: Dict[str, str] = {}
 
-    def adapter_tensors(self) -> List[AdapterTensor]:  # pragma: no cover
+    def unit_dims(self) -> UnitDims:  # pragma: no cover
         raise NotImplementedError
+
+    def placement_of(self, linear: Optional[str]):  # pragma: no cover
+        raise NotImplementedError
+
+    def param_slot(self, name: str):
+        """(owner module, attribute) holding spec tensor ``name``; None when the
+        owner is absent (a part the targets left out)."""
+        for old, new in self.param_rewrites.items():
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        owner_path, _, attr = name.rpartition(".")
+        owner = self
+        for part in owner_path.split(".") if owner_path else ():
+            owner = getattr(owner, part, None)
+            if owner is None:
+                return None
+        return owner, attr
+
+    def param_of(self, name: str) -> Optional[nn.Parameter]:
+        slot = self.param_slot(name)
+        return None if slot is None else getattr(*slot)
+
+    def tie_param(self, name: str, param: nn.Parameter) -> None:
+        """Make spec tensor ``name`` this very parameter (tensors one Megatron
+        tensor stands behind on several Hugging Face linears)."""
+        owner, attr = self.param_slot(name)
+        setattr(owner, attr, param)
+
+    def adapter_tensors(self) -> List[AdapterTensor]:
+        kind = kind_of(self.kind)
+        out = []
+        for t in kind.tensors(self.cfg, self.unit_dims()):
+            place = self.placement_of(t.linear if t.linear is not None else kind.input_linear)
+            param = self.param_of(t.name)
+            if param is None:  # an optional part the targets left out (e.g. fc2 of an MLP)
+                continue
+            sharding = self.sharding if t.experts else REPLICATED
+            at = AdapterTensor(t.name, param, place, t.split_dim(place.kind), t.init, t.fan_in, sharding, t)
+            if at.full_shape() != tuple(t.shape):
+                raise RuntimeError(f"{self.adapter_name(at)}: parameter of local shape {list(param.shape)} "
+                                   f"does not shard the spec's full shape {list(t.shape)}")
+            out.append(at)
+        return out
 
     def adapter_name(self, t: AdapterTensor) -> str:
         return f"{self.adapter_prefix}.{t.suffix}" if self.adapter_prefix else t.suffix
@@ -83,3 +135,4 @@ class AdapterWrapper(nn.Module):
                               f"expected {list(t.full_shape())}")
                 continue
             self._copy_full(t, sd[name])
+

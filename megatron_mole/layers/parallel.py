@@ -22,10 +22,48 @@ again over TP.
 
 :class:`NoParallel` is the single-device placement (all identities), used for
 plain ``nn.Linear`` bases (Hugging Face inference, plain-PyTorch tests).
+
+Sequence parallelism with a frozen Megatron (local) linear base
+(``shares_sp_collectives``): the wrapper runs the frozen matmul itself so that base
+and adapter share one collective each way, as Megatron's own layer would move:
+a column base all-gathers its input once (``gather_shared``: backward one
+reduce-scatter of the base's partial input gradient plus the adapter's complete
+one divided by tp, so that the sum over ranks counts it once), a row base
+reduce-scatters ``partial + adapter/tp`` once (``reduce_scatter_shared``: the
+adapter's complete output enters each rank's partial sum divided by tp; its
+gradient, the all-gathered output gradient, stays complete). Division by a
+power-of-two tp is exact.
 """
 from typing import Optional
 
 import torch
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward; the gradient times ``scale`` backward."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class _ForwardScale(torch.autograd.Function):
+    """``x * scale`` forward; the gradient unchanged backward (a replicated tensor
+    entering a sum over tp ranks: each rank adds 1/tp of it, and by Megatron's
+    convention it keeps the complete gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        return x * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 class NoParallel:
@@ -44,6 +82,12 @@ class NoParallel:
     def reduce_logits(self):
         return None
 
+    def dropout(self, x, p: float, training: bool):
+        """Dropout on the adapter input (identical on TP ranks holding the same input)."""
+        if p == 0 or not training:
+            return x
+        return torch.nn.functional.dropout(x, p, training=True)
+
     def output_is_local(self):
         """True when adapter_output is the identity (the adapter's rows are the
         base output's rows)."""
@@ -57,6 +101,11 @@ class NoParallel:
         """Mark a TP-replicated tensor whose consumers see only a TP shard: its
         gradient is then all-reduced (identity here)."""
         return t
+
+    def shares_sp_collectives(self, base=None) -> bool:
+        """Whether base and adapter share the sequence-parallel collectives (see
+        the module docstring): never without TP."""
+        return False
 
     def shard(self, full: torch.Tensor, dim: int) -> torch.Tensor:
         return full
@@ -133,6 +182,53 @@ class TPPlacement(NoParallel):
             return t
         from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
         return copy_to_tensor_model_parallel_region(t, group=self.group)
+
+    def dropout(self, x, p: float, training: bool):
+        """A TP-sharded input (row-parallel base) draws its mask from Megatron's
+        model-parallel RNG stream; a replicated input from the default stream,
+        identical on the TP ranks."""
+        if p == 0 or not training or not (self.kind == "row" and self.tp_size > 1):
+            return super().dropout(x, p, training)
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+        with get_cuda_rng_tracker().fork():
+            return torch.nn.functional.dropout(x, p, training=True)
+
+    def shares_sp_collectives(self, base=None) -> bool:
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+        if not (self.sequence_parallel and self.tp_size > 1):
+            return False
+        if base is None:
+            return True
+        return (type(base) in (ColumnParallelLinear, RowParallelLinear) and not base.weight.requires_grad
+                and not getattr(base, "explicit_expert_comm", False))
+
+    def gather_shared(self, x):
+        """Column base under SP: (full input for the frozen base, the same for the
+        adapter, whose complete gradient is divided by tp) from one all-gather whose
+        backward is one reduce-scatter."""
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        full = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=self.group)
+        return full, _GradScale.apply(full, 1.0 / self.tp_size)
+
+    def scale_shared_grad(self, x):
+        """The adapter's view of a shared full input (``gather_shared``)."""
+        return _GradScale.apply(x, 1.0 / self.tp_size)
+
+    def share_into_partial(self, complete):
+        """A replicated tensor's share of a sum over TP ranks (``complete / tp``, its
+        gradient kept complete)."""
+        return _ForwardScale.apply(complete, 1.0 / self.tp_size)
+
+    def reduce_scatter_shared(self, partial, complete=None):
+        """Row base under SP: this rank's sequence chunk of the sum over ranks of
+        ``partial`` plus the replicated ``complete`` (counted once): one reduce-scatter."""
+        from megatron.core.tensor_parallel.mappings import reduce_scatter_to_sequence_parallel_region
+
+        if complete is not None:
+            partial = partial + self.share_into_partial(complete.to(partial.dtype))
+        return reduce_scatter_to_sequence_parallel_region(partial, group=self.group)
 
     def adapter_output(self, y):
         if self.kind == "row" and self.sequence_parallel and self.tp_size > 1:

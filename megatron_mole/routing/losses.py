@@ -28,24 +28,37 @@ def _valid(mask_T: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
     return mask_T
 
 
+def assignment_counts(expert_idx_TK: torch.Tensor, num_experts: int, mask_T: Optional[torch.Tensor] = None,
+                      valid_TK: Optional[torch.Tensor] = None):
+    """(assignments per expert [E], used assignments) of the valid tokens and used
+    slots, without gradient and without a host sync."""
+    num_tokens = expert_idx_TK.shape[0]
+    weight_TK = _valid(mask_T, num_tokens, expert_idx_TK.device).float()[:, None].expand(expert_idx_TK.shape)
+    if valid_TK is not None:
+        weight_TK = weight_TK * valid_TK.float()
+    counts_E = torch.zeros(num_experts, dtype=torch.float32, device=expert_idx_TK.device)
+    counts_E.index_add_(0, expert_idx_TK.reshape(-1), weight_TK.reshape(-1))
+    return counts_E, weight_TK.sum()
+
+
 def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor,
-                        mask_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        mask_T: Optional[torch.Tensor] = None,
+                        valid_TK: Optional[torch.Tensor] = None,
+                        f_E: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Switch/Mixtral balance loss N * sum_i f_i P_i.
 
-    f_i: fraction of the T*K assignments that went to expert i (no gradient);
-    P_i: mean router probability of expert i. Tokens with ``mask_T`` False
-    (padding) are left out of both.
+    f_i: fraction of the used assignments that went to expert i (no gradient; given
+    as ``f_E``, e.g. a global batch's, or counted here); P_i: mean router probability
+    of expert i. Tokens with ``mask_T`` False (padding) are left out of both, unused
+    slots (``valid_TK`` False) of f.
     """
     num_tokens, num_experts = probs_TE.shape
-    valid_T = _valid(mask_T, num_tokens, probs_TE.device)
-    weight_T = valid_T.to(probs_TE.dtype)
-    n_valid = weight_T.sum().clamp(min=1.0)
-    counts_E = torch.zeros(num_experts, dtype=probs_TE.dtype, device=probs_TE.device)
-    weight_TK = weight_T[:, None].expand_as(expert_idx_TK).to(probs_TE.dtype)
-    counts_E.index_add_(0, expert_idx_TK.reshape(-1), weight_TK.reshape(-1))
-    f_E = counts_E / (n_valid * expert_idx_TK.shape[1])
-    p_E = (probs_TE * weight_T[:, None]).sum(0) / n_valid
-    return num_experts * (f_E * p_E).sum()
+    weight_T = _valid(mask_T, num_tokens, probs_TE.device).to(probs_TE.dtype)
+    if f_E is None:
+        counts_E, used = assignment_counts(expert_idx_TK, num_experts, mask_T, valid_TK)
+        f_E = counts_E / used.clamp(min=1.0)
+    p_E = (probs_TE * weight_T[:, None]).sum(0) / weight_T.sum().clamp(min=1.0)
+    return num_experts * (f_E.to(p_E.dtype) * p_E).sum()
 
 
 def z_loss(logits_TE: torch.Tensor, mask_T: Optional[torch.Tensor] = None) -> torch.Tensor:

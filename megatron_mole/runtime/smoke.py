@@ -105,11 +105,12 @@ def _loss_func(loss_mask, output_tensor):
     return loss, {"loss": loss.detach().clone()}
 
 
-def train(model, config, batches, lr=0.5, micro_batch_size=1):
+def train(model, config, batches, lr=0.5, micro_batch_size=1, after_step=None):
     """SGD on the global batches ``batches[step]`` [B, S+1]; returns the per-step mean losses.
 
     Each data-parallel rank takes its contiguous slice of the global batch and
-    runs it as micro-batches of ``micro_batch_size``.
+    runs it as micro-batches of ``micro_batch_size``; ``after_step(model)`` runs
+    after each update (e.g. ``megatron_mole.model.update_global_balance``).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -143,6 +144,8 @@ def train(model, config, batches, lr=0.5, micro_batch_size=1):
         with torch.no_grad():
             for p in params:
                 p.add_(p.main_grad, alpha=-lr)
+        if after_step is not None:
+            after_step(model)
         losses.append(_global_mean_loss(reduced))
     return losses
 

@@ -108,16 +108,24 @@ class DataReport:
     domain_counts: Counter = field(default_factory=Counter)
     num_truncated: int = 0
     dropped_too_long: list = field(default_factory=list)  # sources of examples left without labels
+    # Counted but not listed (a preprocessed dataset keeps only the first bad lines and dropped sources).
+    more_bad_lines: int = 0
+    more_dropped: int = 0
+
+    @property
+    def num_bad_lines(self) -> int:
+        return len(self.bad_lines) + self.more_bad_lines
 
     def summary(self) -> str:
         kept = sum(self.domain_counts.values())
         domains = ", ".join(f"{d}={n}" for d, n in sorted(self.domain_counts.items()))
         text = [f"data: {self.num_lines} lines, {kept} examples ({domains}), "
-                f"{len(self.bad_lines)} bad lines skipped, {self.num_truncated} truncated, "
-                f"{len(self.dropped_too_long)} dropped (no response token left after truncation)"]
+                f"{self.num_bad_lines} bad lines skipped, {self.num_truncated} truncated, "
+                f"{len(self.dropped_too_long) + self.more_dropped} dropped "
+                f"(no response token left after truncation)"]
         text += [f"  bad line {b}" for b in self.bad_lines[:MAX_REPORTED_BAD_LINES]]
-        if len(self.bad_lines) > MAX_REPORTED_BAD_LINES:
-            text.append(f"  ... and {len(self.bad_lines) - MAX_REPORTED_BAD_LINES} more bad lines")
+        if self.num_bad_lines > MAX_REPORTED_BAD_LINES:
+            text.append(f"  ... and {self.num_bad_lines - MAX_REPORTED_BAD_LINES} more bad lines")
         return "\n".join(text)
 
 
@@ -170,6 +178,17 @@ def parse_record(record) -> tuple:
     return domain, tuple(messages)
 
 
+def parse_line(raw: bytes) -> tuple:
+    """(domain, messages) of one non-blank JSONL line; raises _BadRecord naming the problem."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise _BadRecord(f"invalid UTF-8 ({error.reason} at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise _BadRecord(f"invalid JSON ({error.msg} at column {error.colno})") from None
+    return parse_record(record)
+
+
 def read_jsonl(paths, strict: bool = False, report: DataReport | None = None) -> tuple:
     """Read instruction JSONL file(s) -> (list of Example, DataReport).
 
@@ -185,13 +204,7 @@ def read_jsonl(paths, strict: bool = False, report: DataReport | None = None) ->
                     continue
                 report.num_lines += 1
                 try:
-                    try:
-                        record = json.loads(raw.decode("utf-8"))
-                    except UnicodeDecodeError as error:
-                        raise _BadRecord(f"invalid UTF-8 ({error.reason} at byte {error.start})")
-                    except json.JSONDecodeError as error:
-                        raise _BadRecord(f"invalid JSON ({error.msg} at column {error.colno})")
-                    domain, messages = parse_record(record)
+                    domain, messages = parse_line(raw)
                 except _BadRecord as error:
                     bad = BadLine(str(path), number, str(error))
                     if strict:
@@ -249,6 +262,17 @@ def tokenize_messages(tokenizer, messages: Sequence[dict], chat_template: str | 
     return np.asarray(ids, dtype=np.int64), np.asarray(supervised, dtype=np.int8)
 
 
+def template_refusal(error) -> str:
+    """The bad-line reason of a conversation the chat template raised on (both data paths)."""
+    return f"the chat template refused it: {error}"
+
+
+def effective_chat_template(tokenizer, chat_template: str | None = None) -> str:
+    """The template text tokenisation renders with (a dict of named templates as sorted JSON)."""
+    template = chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    return template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+
+
 @dataclass(frozen=True)
 class TokenizedExample:
     ids_L: np.ndarray
@@ -278,7 +302,7 @@ class InstructionDataset:
             try:
                 ids_L, supervised_L = tokenize_messages(tokenizer, example.messages, chat_template)
             except TemplateError as error:
-                bad = BadLine(example.path, example.line, f"the chat template refused it: {error}")
+                bad = BadLine(example.path, example.line, template_refusal(error))
                 if strict:
                     raise DataError(f"bad data line {bad} (strict=True)") from None
                 self.report.bad_lines.append(bad)

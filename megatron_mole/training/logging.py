@@ -68,10 +68,16 @@ class RouterLoadMonitor:
         def count(module, args, kwargs, routing):
             expert_idx_TK = routing.expert_idx_TK.detach()
             weight_TK = None
-            mask_T = kwargs.get("mask_T")
-            if mask_T is not None:
-                weight_TK = mask_T.reshape(-1, 1).to(torch.float32).expand_as(expert_idx_TK).reshape(-1)
-            counts_E = torch.bincount(expert_idx_TK.reshape(-1), weights=weight_TK, minlength=num_experts)
+            if routing.mask_T is not None:  # padding tokens are not load
+                weight_TK = routing.mask_T.reshape(-1, 1).to(torch.float32).expand_as(expert_idx_TK)
+            if routing.valid_TK is not None:  # nor are the unused slots of a variable router
+                valid_TK = routing.valid_TK.to(torch.float32)
+                weight_TK = valid_TK if weight_TK is None else weight_TK * valid_TK
+            ones = torch.ones(expert_idx_TK.numel(), dtype=torch.float32, device=expert_idx_TK.device)
+            weight = ones if weight_TK is None else weight_TK.reshape(-1)
+            # index_add, not bincount: bincount syncs with the host on GPUs
+            counts_E = torch.zeros(num_experts, dtype=torch.float32, device=expert_idx_TK.device)
+            counts_E.index_add_(0, expert_idx_TK.reshape(-1), weight)
             previous = self.counts.get(layer)
             self.counts[layer] = counts_E.float() if previous is None else previous + counts_E.float()
         return count
@@ -124,10 +130,10 @@ def gather_router_stats(monitor: RouterLoadMonitor) -> tuple:
     return aux, fractions
 
 
-def weighted_aux_loss(aux: dict, mole_config) -> float:
-    """Sum over layers of the coefficient-weighted aux losses (what the routers' gradient sees)."""
-    coefficients = {"load_balance": mole_config.aux_loss_coeff, "z_loss": mole_config.z_loss_coeff}
-    return sum(coefficients.get(key, 0.0) * value for stats in aux.values() for key, value in stats.items())
+def weighted_aux_loss(aux: dict, mole_config=None) -> float:
+    """Sum over layers of the routers' scaled auxiliary losses (each router reports
+    its own as the ``aux_loss`` statistic: balance, z-loss, or whatever it owns)."""
+    return sum(stats.get("aux_loss", 0.0) for stats in aux.values())
 
 
 class StepLogger:

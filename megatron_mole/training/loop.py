@@ -7,8 +7,8 @@ layout, ``checkpoint.load_model`` (the converted base, resharded to this layout)
 adapter parameters only, Megatron's ``OptimizerParamScheduler`` (linear warmup,
 then constant/linear/cosine decay), and ``get_forward_backward_func`` over the
 micro-batches of each global batch (1F1B under pipeline parallelism; with ``parallel.vpp``
-one model chunk per virtual stage and Megatron's interleaved schedule, which needs pp > 2:
-PP4 x VPP2 reproduced PP4's losses exactly on 4 CPU ranks).
+one model chunk per virtual stage and Megatron's interleaved schedule: PP4 x VPP2 and, with
+unbatched p2p ops, PP2 x VPP2 reproduce PP4's and PP2's losses on 4 CPU ranks).
 
 Notable:
 
@@ -22,7 +22,7 @@ Notable:
   scaling Megatron's schedules give its own MoE aux losses: the routers get the
   gradient of (main loss + mean over micro-batches and DP ranks of the aux losses).
 - **Expert parallelism**: ``parallel.ep`` shards the LoRA experts over the EP group
-  (``mole.dispatch: alltoall``; layers/expert_parallel.py); a dense base is built with
+  (``mole.dispatch: alltoall``; dispatch/sharding.py); a dense base is built with
   Megatron's EP size 1 (Megatron refuses EP without MoE layers). Expert params
   (``allreduce=False``) get their own chained optimizer over the expert-data-parallel group.
 - **Padding** is passed to the model as ``padding_mask`` so routers leave it out of
@@ -33,15 +33,19 @@ Notable:
   Megatron's mixed-precision optimizer keeps fp32 main parameters (saved in
   checkpoints, so a bf16 resume keeps them exactly too).
 - **Checkpoints** (checkpoint/ckpt_io, atomic, last K kept) hold the full adapter tensors with
-  global names, the scheduler, the sampler position, the base reference, the layout
-  and the config (shared), and per rank the inner optimizer state, fp32 main params
-  and all RNG states. Resuming at the same layout restores everything: the losses of
-  the uninterrupted run are reproduced bit for bit (fp32). At another TP/PP/EP/DP
-  layout the adapters, scheduler and data position are restored and the optimizer
-  state is rebuilt (fresh Adam moments), which the log says.
+  global names, the scheduler, the sampler position, Adam's step count, the base reference,
+  the layout and the config (shared), per rank all RNG states, and the optimizer state
+  (Adam moments, fp32 main params) in Megatron's dist_checkpointing format, keyed by global
+  adapter names (checkpoint/optim_state.py). The adapters are loaded before the optimizer is
+  built (its fp32 main copies start from them). At the same layout a resume reproduces the
+  uninterrupted run bit for bit (losses and LRs, fp32 and bf16); at another TP/PP/EP/DP
+  layout the optimizer state is resharded by dist_checkpointing (losses within ~1e-7
+  relative in fp32); only the RNG states (dropout) are not carried over.
 - **LR schedule**: step i (1-based) runs at the schedule's value after i scheduler
   increments, so the first step trains (Megatron's warmup starts at 0); decay ends
-  one step after ``max_steps``. Config values win over a checkpoint's on resume.
+  one step after ``max_steps``. Config values win over a checkpoint's on resume; the
+  resumed scheduler restarts from its saved count (not on top of the one increment
+  ``__init__`` makes).
 
 Legend: G global batch rows, B rows on this rank, S sequence length, D domains.
 """
@@ -55,9 +59,10 @@ from pathlib import Path
 
 import torch
 
-from megatron_mole.checkpoint import ckpt_io
+from megatron_mole.checkpoint import ckpt_io, optim_state
 from megatron_mole.training.data import InstructionDataset, domain_loss_sums, packed_attention_mask, \
     split_microbatches
+from megatron_mole.model import update_global_balance
 from megatron_mole.training.logging import RouterLoadMonitor, StepLogger, gather_router_stats, recent_records, \
     weighted_aux_loss
 from megatron_mole.training.sampler import GlobalBatchLoader
@@ -71,7 +76,7 @@ class TrainResult:
     start_step: int = 0
     final_step: int = 0
     data_report: object = None
-    optimizer_rebuilt: bool = False  # resumed at another layout
+    resharded: bool = False  # resumed at another layout (optimizer state resharded, RNG not restored)
     last_checkpoint: str | None = None
     adapter_params: int = 0  # trainable elements on this rank
 
@@ -88,6 +93,11 @@ def build_dataset(cfg: TrainConfig) -> InstructionDataset:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg))
+    if cfg.data.prefix:  # preprocessed: memory-mapped, checked against this tokenizer
+        from megatron_mole.training.indexed import IndexedInstructionDataset
+
+        return IndexedInstructionDataset(cfg.data.prefix, tokenizer_dir(cfg), cfg.data.seq_length,
+                                         strict=cfg.data.strict, tokenizer=tokenizer)
     return InstructionDataset.from_jsonl(cfg.data.paths, tokenizer, cfg.data.seq_length, strict=cfg.data.strict)
 
 
@@ -117,59 +127,18 @@ def _file_sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def _to_cpu(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().clone()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
-
-
-def _sub_optimizers(optimizer) -> list:
-    return [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if getattr(o, "optimizer", None)]
-
-
-def _main_param_groups(sub):
-    """fp32 main copies of low-precision params (distributed or plain mixed-precision optimizer)."""
-    for name in ("shard_fp32_from_float16_groups", "fp32_from_float16_groups"):
-        groups = getattr(sub, name, None)
-        if groups and any(len(g) for g in groups):
-            return groups
-    return None
-
-
-def optimizer_state(optimizer) -> list:
-    """Per-rank state of a Megatron optimizer: each sub-optimizer's inner torch state and fp32 mains."""
-    out = []
-    for sub in _sub_optimizers(optimizer):
-        mains = _main_param_groups(sub)
-        out.append({"inner": _to_cpu(sub.optimizer.state_dict()),
-                    "main_params": None if mains is None else [[_to_cpu(p) for p in g] for g in mains]})
-    return out
-
-
-def load_optimizer_state(optimizer, state: list):
-    subs = _sub_optimizers(optimizer)
-    if len(subs) != len(state):
-        raise ckpt_io.CheckpointError(f"the checkpoint holds {len(state)} optimizer(s), this run builds {len(subs)}")
-    for sub, entry in zip(subs, state):
-        sub.optimizer.load_state_dict(entry["inner"])
-        mains = _main_param_groups(sub)
-        if (mains is None) != (entry["main_params"] is None):
-            raise ckpt_io.CheckpointError("the checkpoint's fp32 main parameters do not match this run's precision")
-        if mains is not None:
-            with torch.no_grad():
-                for group, saved in zip(mains, entry["main_params"]):
-                    for param, value in zip(group, saved):
-                        param.copy_(value)
-
-
 def _base_overrides(cfg: TrainConfig) -> dict:
     """TransformerConfig overrides for ``load_model``: sequence parallelism as configured (a dense
-    base at ep > 1 is handled by ``load_model`` itself)."""
-    return {"sequence_parallel": True} if cfg.parallel.sequence_parallel else {}
+    base at ep > 1 is handled by ``load_model`` itself), and unbatched pipeline p2p for the virtual
+    pipeline at pp=2. There a rank's previous and next stage are one peer, and Megatron-core's
+    batched ops post [send_prev, recv_prev, send_next, recv_next]: the peer's gradient and activation
+    (same shape) are matched to the receives crosswise, silently (tests/test_megatron_p2p.py). Its
+    unbatched path orders the ops by even/odd rank and is exact (PP2 x VPP2 = PP2 bit for bit)."""
+    p = cfg.parallel
+    overrides = {"sequence_parallel": True} if p.sequence_parallel else {}
+    if p.pp == 2 and p.vpp not in (None, 1):
+        overrides["batch_p2p_comm"] = False
+    return overrides
 
 
 class Trainer:
@@ -205,6 +174,11 @@ class Trainer:
         self.mole_config = mm.MoLEConfig(**cfg.mole)
         for chunk in chunks:
             mm.apply_mole(chunk, self.mole_config)
+        # The adapters enter the model before the optimizer copies them (its fp32 main params under
+        # bf16): loaded later, the optimizer's first step would write its stale copies back.
+        self.checkpoint = self._read_checkpoint()
+        if self.checkpoint is not None:
+            mm.load_adapter_state_dict(chunks, self.checkpoint.shared["adapters"])
         self.monitor = RouterLoadMonitor(chunks)
         self.sequence_parallel = bool(chunks[0].config.sequence_parallel)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -232,39 +206,51 @@ class Trainer:
             use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
         self.scheduler.step(increment=1)  # the LR of step 1 (see the module docstring)
         self.step = 0
-        self.optimizer_rebuilt = False
+        self.resharded = False
         self.base_ref = {"checkpoint": os.path.abspath(cfg.base.checkpoint),
                          "spec_sha256": _file_sha256(Path(cfg.base.checkpoint) / "mcore_config.json")}
 
     # ------------------------------------------------------------------ checkpoints
-    def resume(self):
+    def _read_checkpoint(self):
         ck = self.cfg.checkpoint
         if ck.load_dir is None:
-            return
-        from megatron_mole.model import load_adapter_state_dict
-
+            return None
         checkpoint = ckpt_io.load_checkpoint(ck.load_dir, ck.load_step)
         shared = checkpoint.shared
         if shared is None or "adapters" not in shared:
             raise ckpt_io.CheckpointError(f"{checkpoint.path} holds no adapter state (not a training checkpoint)")
+        if checkpoint.collective_dir is None or "optimizer" not in shared:
+            raise ckpt_io.CheckpointError(f"{checkpoint.path} holds no optimizer state ({ckpt_io.COLLECTIVE_DIR}/)")
+        return checkpoint
+
+    def resume(self):
+        """Everything but the adapters (loaded before the optimizer was built) from the checkpoint."""
+        checkpoint = self.checkpoint
+        if checkpoint is None:
+            return
+        shared = checkpoint.shared
         if shared["base"].get("spec_sha256") != self.base_ref["spec_sha256"]:
             self._info(f"warning: {checkpoint.path} was trained on base {shared['base'].get('checkpoint')}, "
                        f"whose spec differs from {self.base_ref['checkpoint']}")
-        load_adapter_state_dict(self.model, shared["adapters"])
+        optim_state.load_optimizer_state(self.optimizer, self.model, checkpoint.collective_dir,
+                                         shared["optimizer"]["adam_step"])
+        # After the optimizer (whose param groups carry an LR): the scheduler sets the LR of the next
+        # step. Its load_state_dict *adds* the saved count to the current one, and __init__ already
+        # counted step 1's increment: start from 0 as a scheduler that never stepped.
+        self.scheduler.num_steps = 0
         self.scheduler.load_state_dict(shared["scheduler"])
         self.loader.load_state_dict(shared["data"])
         self.step = int(shared["step"])
         if shared["layout"] == self.layout and checkpoint.world_size == self.info.world_size:
-            rank_state = ckpt_io.load_checkpoint(ck.load_dir, checkpoint.step, rank=self.rank).rank_state
-            load_optimizer_state(self.optimizer, rank_state["optimizer"])
+            rank_state = ckpt_io.load_checkpoint(checkpoint.path.parent, checkpoint.step, rank=self.rank).rank_state
             ckpt_io.restore_rng_state(rank_state["rng"])
             self._info(f"resumed from {checkpoint.path} at step {self.step} (same layout: optimizer, "
                        f"scheduler, data position and RNG restored)")
         else:
-            self.optimizer_rebuilt = True
+            self.resharded = True
             self._info(f"resumed from {checkpoint.path} at step {self.step}: it was saved at layout "
-                       f"{shared['layout']}, this run has {self.layout}; adapters, scheduler and data position "
-                       f"restored, optimizer state rebuilt (fresh Adam moments), RNG not restored")
+                       f"{shared['layout']}, this run has {self.layout}; adapters and optimizer state "
+                       f"resharded, scheduler and data position restored, RNG not restored")
 
     def save(self) -> Path:
         import torch.distributed as dist
@@ -273,13 +259,17 @@ class Trainer:
 
         ck = self.cfg.checkpoint
         shared, rank_payload = ckpt_io.training_payloads(
-            step=self.step, adapters=adapter_state_dict(self.model), optimizer_state=optimizer_state(self.optimizer),
-            scheduler_state=self.scheduler.state_dict(), sampler_state=self.loader.state_dict(), base=self.base_ref,
-            layout=self.layout, config=config_to_dict(self.cfg))
+            step=self.step, adapters=adapter_state_dict(self.model), scheduler_state=self.scheduler.state_dict(),
+            sampler_state=self.loader.state_dict(), base=self.base_ref, layout=self.layout,
+            config=config_to_dict(self.cfg))
         shared["mole_config"] = self.mole_config.to_dict()
+        shared["optimizer"] = {"format": "megatron dist_checkpointing torch_dist, " + optim_state.METADATA[
+            "distrib_optim_sharding_type"], "adam_step": optim_state.adam_step(self.optimizer)}
         barrier = dist.barrier if dist.is_initialized() else None
-        return ckpt_io.save_checkpoint(ck.save_dir, self.step, rank_payload, shared_payload=shared, rank=self.rank,
-                                       world_size=self.info.world_size, barrier=barrier, keep_last=ck.keep_last)
+        return ckpt_io.save_checkpoint(
+            ck.save_dir, self.step, rank_payload, shared_payload=shared, rank=self.rank,
+            world_size=self.info.world_size, barrier=barrier, keep_last=ck.keep_last,
+            collective=lambda directory: optim_state.save_optimizer_state(self.optimizer, self.model, directory))
 
     # ------------------------------------------------------------------ one step
     def _forward_step(self, scale, data_iterator, model_chunk):
@@ -343,6 +333,7 @@ class Trainer:
             forward_only=False)
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
+        update_global_balance(self.model)  # routers with balance="global": this step's fractions
         self.step += 1
 
         sums = self._global_sums(reduced)
@@ -390,7 +381,7 @@ class Trainer:
             raise ckpt_io.CheckpointError(
                 f"checkpoint.save_dir {ck.save_dir} already holds step_{latest}, beyond this run's start (step "
                 f"{self.step}); save elsewhere (--save DIR) or resume from it (--load {ck.save_dir})")
-        result.start_step, result.optimizer_rebuilt = self.step, self.optimizer_rebuilt
+        result.start_step, result.resharded = self.step, self.resharded
         self.logger = StepLogger(cfg, rank=self.rank, start_step=self.step, max_steps=cfg.schedule.max_steps)
         try:
             while self.step < cfg.schedule.max_steps:

@@ -78,38 +78,53 @@ def padded_vocab(vocab: int, tp: int, divisor: int = 128) -> int:
     return math.ceil(vocab / (divisor * tp)) * divisor * tp
 
 
+def base_linears(shapes: Shapes) -> dict:
+    """The adaptable linears of one Megatron layer: name -> (placement kind, full in, full out,
+    inside a dense MLP). Routed MoE experts are not adaptable by these targets."""
+    qkv = shapes.q_dim + 2 * shapes.kv_dim
+    out = {"linear_qkv": ("column", shapes.hidden, qkv, False),
+           "linear_proj": ("row", shapes.q_dim, shapes.hidden, False)}
+    if not shapes.base_experts:
+        out.update({"linear_fc1": ("column", shapes.hidden, 2 * shapes.ffn, True),
+                    "linear_fc2": ("row", shapes.ffn, shapes.hidden, True)})
+    return out
+
+
 def adapter_params_per_layer(shapes: Shapes, mole, tp: int, ep: int) -> dict:
-    """{"dense": n, "router": n, "expert": n} adapter elements of one layer on one rank.
+    """{"dense": n, "router": n, "expert": n} adapter elements of one layer on one rank,
+    from the adapter kinds' specs (layers/specs.py) exactly as ``apply_mole`` builds them.
 
     ``router`` params are fp32; ``expert`` params are sharded over EP (alltoall) and
     reduce over expert-data-parallel ranks; ``dense`` are the rest.
     """
-    H, F, r, E = shapes.hidden, shapes.ffn, mole.rank, mole.num_experts
+    from megatron_mole.layers import METHODS
+    from megatron_mole.layers.specs import UnitDims, kind_of
+
+    linears = base_linears(shapes)
     unknown = [t for t in mole.targets if t not in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")]
     if unknown:
         raise ValueError(f"the memory estimate understands bare target names; got {unknown}")
-    e_local = E // ep if (mole.dispatch == "alltoall" and ep > 1) else E
-    out = {"dense": 0, "router": 0, "expert": 0}
-    # (in features on this rank, out features on this rank, A elements, B elements) per linear
-    linears = {"linear_qkv": (H, (shapes.q_dim + 2 * shapes.kv_dim) // tp, r * H, (shapes.q_dim + 2 * shapes.kv_dim) // tp * r),
-               "linear_proj": (shapes.q_dim // tp, H, r * shapes.q_dim // tp, H * r)}
-    if not shapes.base_experts:  # "mole" does not adapt routed MoE experts (PERFT does)
-        linears.update({"linear_fc1": (H, 2 * F // tp, r * H, 2 * F // tp * r),
-                        "linear_fc2": (F // tp, H, r * F // tp, H * r)})
-    mlp_scope = [t for t in mole.targets if t in ("linear_fc1", "linear_fc2") and t in linears]
-    if mole.expert_scope == "mlp" and mlp_scope:
-        out["router"] += E * H
+    method = METHODS[mole.method]
+    units = {}  # (kind, unit) -> [linear names]
     for target in mole.targets:
         if target not in linears:
             continue
-        in_local, _, a, b = linears[target]
-        if mole.expert_scope == "mlp" and target in mlp_scope:
-            out["expert" if e_local < E else "dense"] += e_local * (a + b)
-        elif mole.expert_scope == "linear":
-            out["router"] += E * in_local
-            out["expert" if e_local < E else "dense"] += e_local * (a + b)
-        else:  # plain LoRA (attention under expert_scope "mlp")
-            out["dense"] += a + b
+        kind = kind_of(method.kind_for(mole, target, linears[target][3]))
+        units.setdefault((kind.name, "mlp" if kind.unit == "mlp" else target), []).append(target)
+    ep_size = ep if (mole.dispatch == "alltoall" and ep > 1) else 1
+    out = {"dense": 0, "router": 0, "expert": 0}
+    for (kind_name, _), names in units.items():
+        kind = kind_of(kind_name)
+        if kind.unit == "mlp":
+            dims = UnitDims(tuple((n, linears[n][1:3]) for n in sorted(names)))
+        else:
+            dims = UnitDims.linear(*linears[names[0]][1:3])
+        for t in kind.tensors(mole, dims):
+            if not t.trainable:  # router state (a few floats): no gradient, no optimizer state
+                continue
+            placement = linears[t.linear or kind.input_linear or names[0]][0]
+            n = t.local_numel(placement, tp, ep_size)
+            out["router" if t.router else "expert" if t.experts and ep_size > 1 else "dense"] += n
     return out
 
 

@@ -10,7 +10,7 @@ Example (every section but ``base`` and ``data`` is optional; defaults below)::
                 distributed: true}
     schedule: {max_steps: 100, warmup_steps: 10, decay_style: cosine, min_lr: 0.0}
     data: {paths: [data/train.jsonl], domain_weights: {math: 2, code: 1}, seq_length: 512,
-           packing: false, strict: false, seed: 1234}
+           packing: false, strict: false, seed: 1234}  # or prefix: [data/mix] (megatron-mole preprocess)
     logging: {log_jsonl: train.jsonl, tensorboard_dir: null, interval: 1, progress: true}
     checkpoint: {save_dir: ckpt, interval: 50, keep_last: 2, load_dir: null, load_step: null}
     seed: 1234
@@ -20,7 +20,7 @@ Every key is checked: an unknown key anywhere (except inside the free-form ``mol
 and ``data.domain_weights`` mappings) or a value of the wrong type is a
 ``ConfigError`` naming its dotted path, e.g. ``config 'optimizer.lrr': unknown key``.
 Floats also accept strings such as ``1e-4`` (which YAML 1.1 reads as a string) and
-``data.paths`` accepts a single path. Relative paths are kept as written
+``data.paths`` / ``data.prefix`` accept a single path. Relative paths are kept as written
 (relative to the working directory of the job).
 
 Precedence: YAML file, then ``--set a.b=c`` assignments in order (values parsed
@@ -80,10 +80,8 @@ class ParallelConfig:
         for name in ("tp", "pp", "ep", "micro_batch", "global_batch"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _require(self.vpp is None or self.vpp >= 1, "vpp", f"must be >= 1 or null, got {self.vpp}")
-        # At pp=2 the interleaved schedule's losses differed from plain PP2 (CPU, 4 micro-batches) while
-        # PP4 x VPP2 matched PP4; likely cause: a rank's previous and next stage are one peer, so batched
-        # sends of activations and gradients to it can be matched crosswise. Megatron-LM asked pp > 2 too.
-        _require(self.vpp in (None, 1) or self.pp > 2, "vpp", f"vpp={self.vpp} needs pp > 2, got pp={self.pp}")
+        # pp=2 works with unbatched p2p ops, which the training loop selects there (see loop._base_overrides)
+        _require(self.vpp in (None, 1) or self.pp >= 2, "vpp", f"vpp={self.vpp} needs pp >= 2, got pp={self.pp}")
         _require(self.global_batch % self.micro_batch == 0, "global_batch",
                  f"global_batch={self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
         _require(not self.sequence_parallel or self.tp > 1, "sequence_parallel", "needs tp > 1")
@@ -137,7 +135,8 @@ class ScheduleConfig:
 
 @dataclass
 class DataConfig:
-    paths: list[str]  # instruction JSONL files (megatron_mole.training.data)
+    paths: list[str] = field(default_factory=list)  # instruction JSONL files (megatron_mole.training.data)
+    prefix: list[str] = field(default_factory=list)  # `megatron-mole preprocess` outputs (training.indexed)
     domain_weights: dict[str, float] | None = None  # None: in proportion to the domains' sizes
     seq_length: int = 512
     packing: bool = False
@@ -145,7 +144,9 @@ class DataConfig:
     seed: int | None = None  # sampler seed; None: the top-level seed
 
     def __post_init__(self):
-        _require(len(self.paths) > 0, "paths", "must list at least one JSONL file")
+        _require(bool(self.paths) != bool(self.prefix), "paths",
+                 "give either data.paths (JSONL files) or data.prefix (preprocessed directories), "
+                 f"exactly one of them; got paths={self.paths} prefix={self.prefix}")
         _require(self.seq_length >= 2, "seq_length", f"must be >= 2, got {self.seq_length}")
         for domain, weight in (self.domain_weights or {}).items():
             _require(weight >= 0, f"domain_weights.{domain}", f"must be >= 0, got {weight}")

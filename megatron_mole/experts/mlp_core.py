@@ -16,9 +16,12 @@ the fold's gradient is accumulated into the incoming gradient of h.
 
 Shapes/semantics match layers/mole_mlp.py's generic path, which remains the
 reference for other activations (and is checked against the same per-token
-loop in tests/test_layers.py).
+loop in tests/test_layers.py). Blocks after the first may hold fewer than T
+rows (a router that uses fewer experts for some tokens): a full block adds
+fc1's output by a scatter through its inverse permutation, a partial one by a
+gather.
 
-Legend: T tokens, K top-k, S = K*T rows, F ffn (local), F1 = 2F.
+Legend: T tokens, K top-k, S rows (T per full block), F ffn (local), F1 = 2F.
 """
 import torch
 import torch.nn.functional as F
@@ -26,24 +29,26 @@ import torch.nn.functional as F
 
 class SwiGLUMixture(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, base1_TF1, delta_SF1, g_S, pos_list, inv_list):
-        T = base1_TF1.shape[0]
+    def forward(ctx, base1_TF1, delta_SF1, g_S, sizes, pos_list, inv_list):
         z = delta_SF1  # fresh output of the fc1 LoRA up-projection: ours to modify
-        blocks = z.split(T)
+        blocks = z.split(sizes)
         blocks[0].add_(base1_TF1)
-        for block, inv in zip(blocks[1:], inv_list):
-            block.index_add_(0, inv, base1_TF1)  # block[inv[r]] += base1[r]
+        for block, pos, inv in zip(blocks[1:], pos_list, inv_list):
+            if inv is not None:
+                block.index_add_(0, inv, base1_TF1)  # block[inv[r]] += base1[r]
+            else:
+                block.add_(base1_TF1.index_select(0, pos))
         gate, up = z.chunk(2, dim=-1)
         h = F.silu(gate)
         h.mul_(up)
         hbar = None
         if g_S is not None:
-            h_blocks, g_blocks = h.split(T), g_S.split(T)
+            h_blocks, g_blocks = h.split(sizes), g_S.split(sizes)
             hbar = h_blocks[0] * g_blocks[0].unsqueeze(-1)
             for hb, gb, pos in zip(h_blocks[1:], g_blocks[1:], pos_list):
                 hbar.index_add_(0, pos, hb * gb.unsqueeze(-1))
         ctx.save_for_backward(z, h, g_S, *pos_list)
-        ctx.T, ctx.K = T, len(pos_list) + 1
+        ctx.sizes, ctx.K = sizes, len(pos_list) + 1
         if hbar is None:
             return h, z.new_empty(0)
         return h, hbar
@@ -51,7 +56,7 @@ class SwiGLUMixture(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h, grad_hbar):
         z, h, g_S, *pos_list = ctx.saved_tensors
-        T = ctx.T
+        sizes = ctx.sizes
         grad_g = None
         if g_S is None:
             dh = grad_h
@@ -59,9 +64,9 @@ class SwiGLUMixture(torch.autograd.Function):
             # The incoming grad_h (fc2's LoRA input gradient, h's only other
             # consumer) is a fresh buffer: accumulate the fold's gradient into it.
             dh = grad_h if grad_h is not None else torch.zeros_like(h)
-            h_blocks, g_blocks, dh_blocks = h.split(T), g_S.split(T), dh.split(T)
+            h_blocks, g_blocks, dh_blocks = h.split(sizes), g_S.split(sizes), dh.split(sizes)
             grad_g = torch.empty_like(g_S)
-            dg_blocks = grad_g.split(T)
+            dg_blocks = grad_g.split(sizes)
             for j in range(ctx.K):
                 gh = grad_hbar if j == 0 else grad_hbar.index_select(0, pos_list[j - 1])
                 dh_blocks[j].addcmul_(gh, g_blocks[j].unsqueeze(-1).to(gh.dtype))
@@ -82,22 +87,27 @@ class SwiGLUMixture(torch.autograd.Function):
         if ctx.K == 1:
             grad_base1 = grad_z
         else:
-            blocks = grad_z.split(T)
+            blocks = grad_z.split(sizes)
             grad_base1 = blocks[0].clone()
             for block, pos in zip(blocks[1:], pos_list):
                 grad_base1.index_add_(0, pos, block)
-        return grad_base1, grad_z, grad_g, None, None
+        return grad_base1, grad_z, grad_g, None, None, None
 
 
 def swiglu_mixture(base1_TF1, delta_SF1, g_S, plan):
-    """(h_S, hbar_TF or None). ``g_S`` None at K = 1 (the renormalised gate is 1)."""
-    T, K = plan.num_tokens, plan.top_k
-    pos_list, inv_list = [], []
-    for j in range(1, K):
-        pos = plan.row_of_KT[0].index_select(0, plan.tok_S[j * T:(j + 1) * T])
-        inv = torch.empty_like(pos)
-        inv[pos] = torch.arange(T, device=pos.device)
+    """(h_S, hbar_TF or None). ``g_S`` None when every token has one row (the
+    renormalised gate is 1); ``plan``: the local dispatch plan (dispatch/local.py)."""
+    T = plan.num_tokens
+    sizes = [n for j, n in enumerate(plan.block_sizes) if j == 0 or n > 0]
+    pos_list, inv_list, start = [], [], T
+    for n in sizes[1:]:
+        pos = plan.block0_position(torch.arange(start, start + n, device=base1_TF1.device))
+        inv = None
+        if n == T:  # a full block is a permutation of the tokens: scatter through its inverse
+            inv = torch.empty_like(pos)
+            inv[pos] = torch.arange(T, device=pos.device)
         pos_list.append(pos)
         inv_list.append(inv)
-    h, hbar = SwiGLUMixture.apply(base1_TF1, delta_SF1, g_S, pos_list, inv_list)
-    return h, (hbar if K > 1 else None)
+        start += n
+    h, hbar = SwiGLUMixture.apply(base1_TF1, delta_SF1, g_S, sizes, pos_list, inv_list)
+    return h, (hbar if len(sizes) > 1 else None)

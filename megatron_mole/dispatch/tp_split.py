@@ -101,19 +101,17 @@ class TokenSplit:
         sizes, _, _ = self.bounds(num_tokens)
         return _GatherRows.apply(y_chunk, sizes, self.rank, self.group)
 
-    def gather_rows(self, counts_L: List[int], *rows_S):
+    def gather_rows(self, peer_counts: List[List[int]], *rows_S):
         """Rows of every TP peer, regrouped by local expert (peers' order inside an
         expert), for each of ``rows_S`` (tensors sharing this rank's per-expert
-        ``counts_L``); returns ([gathered tensors], rows per expert, undo state)."""
-        counts = torch.tensor(counts_L, dtype=torch.int64, device=rows_S[0].device)
-        peers = [torch.empty_like(counts) for _ in range(self.size)]
-        dist.all_gather(peers, counts, group=self.group)
-        counts_PL = torch.stack(peers)
-        sizes = counts_PL.sum(1).tolist()
-        regroup_A = regroup_index(counts_PL)
+        counts); ``peer_counts`` [P][L]: every peer's rows per local expert, host ints
+        (the dispatcher fetched them with its own counts). Returns ([gathered
+        tensors], rows per expert, undo state)."""
+        sizes = [sum(row) for row in peer_counts]
+        regroup_A = regroup_index(peer_counts, rows_S[0].device)
         gathered = [_GatherRows.apply(x, sizes, self.rank, self.group).index_select(0, regroup_A)
                     for x in rows_S]
-        return gathered, counts_PL.sum(0).tolist(), (regroup_A, sizes)
+        return gathered, [sum(col) for col in zip(*peer_counts)], (regroup_A, sizes)
 
     def own_rows(self, y_AD: torch.Tensor, undo) -> torch.Tensor:
         """This rank's rows of expert-grouped ``y_AD``, in the order it received them."""

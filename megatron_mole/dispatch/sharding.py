@@ -5,7 +5,8 @@
 * ``"alltoall"``: with Megatron's expert-model-parallel size ``ep > 1``, each
   EP rank owns ``E / ep`` experts of every MoLE layer (global id = local id +
   ep_rank * E/ep) and tokens reach them by all-to-all
-  (:class:`~megatron_mole.dispatch.alltoall.AllToAllDispatcher`). Expert params
+  (:class:`~megatron_mole.dispatch.alltoall.AllToAllDispatcher`, behind the seam of
+  dispatch/seam.py). Expert params
   carry Megatron's ``allreduce=False`` marker, so Megatron's DDP reduces them over
   the expert-data-parallel group (scaled by 1/dp, as Megatron does for MoE
   experts). Experts keep the base's tensor parallelism (expert TP = TP): the EP
@@ -65,8 +66,9 @@ def _ep_group():
     return group, dist.get_world_size(group), dist.get_rank(group), ps.get_data_parallel_world_size()
 
 
-def resolve_dispatch(cfg, linears, dispatch_width: Optional[int] = None) -> str:
-    """The dispatch mode of one MoLE unit: "alltoall" or "replicated"."""
+def resolve_dispatch(cfg, linears, params_per_expert: Optional[int] = None) -> str:
+    """The dispatch mode of one MoLE unit: "alltoall" or "replicated".
+    ``linears``: the (d_in, d_out) of its linears; ``params_per_expert`` from its spec."""
     _, ep, _, dp = _ep_group()
     mode = cfg.dispatch
     if ep == 1 or mode in ("local", "replicated"):
@@ -79,24 +81,14 @@ def resolve_dispatch(cfg, linears, dispatch_width: Optional[int] = None) -> str:
     if mode == "alltoall":
         return "alltoall"
     chosen, _, _ = choose_dispatch(
-        cfg.dispatch_tokens_per_rank, cfg.top_k, cfg.num_experts, cfg.rank, linears, ep, dp
-    )
+        cfg.dispatch_tokens_per_rank, cfg.top_k, cfg.num_experts, cfg.rank, linears, ep, dp,
+        params_per_expert=params_per_expert)
     return chosen
 
 
-def expert_sharding(cfg, linears) -> ExpertSharding:
+def expert_sharding(cfg, linears, params_per_expert: Optional[int] = None) -> ExpertSharding:
     """The sharding of one MoLE unit's experts; ``linears`` lists its (d_in, d_out)."""
-    if resolve_dispatch(cfg, linears) != "alltoall":
+    if resolve_dispatch(cfg, linears, params_per_expert) != "alltoall":
         return REPLICATED
     group, ep, ep_rank, _ = _ep_group()
     return ExpertSharding(ep, ep_rank, group)
-
-
-def build_expert_dispatcher(cfg, sharding: ExpertSharding):
-    if sharding.size > 1:
-        from megatron_mole.dispatch.alltoall import AllToAllDispatcher
-
-        return AllToAllDispatcher(cfg.num_experts, sharding.group, cfg.capacity_factor)
-    from megatron_mole.dispatch.local import LocalDispatcher
-
-    return LocalDispatcher(cfg.num_experts)
