@@ -1,7 +1,7 @@
 """MoLEConfig: the one dataclass that describes a Mixture-of-LoRA-Experts adapter.
 
 Validated in ``__post_init__``; every error names the field and the offending
-value. Router names are checked against the registry in ``megatron_mole.routing``
+value (an ``errors.ConfigError``, which is a ``ValueError``). Router names are checked against the registry in ``megatron_mole.routing``
 and methods against the one in ``megatron_mole.layers`` (layers/specs.py), so a
 router or method registered there is accepted here without touching this file;
 router-specific settings travel in ``router_args``.
@@ -22,6 +22,8 @@ layout):
 """
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
+
+from megatron_mole.errors import ConfigError
 
 EXPERT_SCOPES = ("mlp", "linear")
 LORA_B_INITS = ("zeros", "random")
@@ -66,7 +68,7 @@ class MoLEConfig:
 
         def need(ok, name, what):
             if not ok:
-                raise ValueError(f"MoLEConfig.{name}={getattr(self, name)!r}: {what}")
+                raise ConfigError(f"MoLEConfig.{name}={getattr(self, name)!r}: {what}")
 
         for name in ("num_experts", "rank", "top_k", "seed"):
             need(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
@@ -120,6 +122,6 @@ class MoLEConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"MoLEConfig: unknown field(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"MoLEConfig: unknown field(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
 

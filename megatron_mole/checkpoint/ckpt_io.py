@@ -45,6 +45,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from megatron_mole.errors import CheckpointError  # the one CheckpointError; re-exported as ckpt_io.CheckpointError
+
 FORMAT_VERSION = 1
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -52,9 +54,6 @@ SHARED = "shared.pt"
 COLLECTIVE_DIR = "optimizer"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
-
-class CheckpointError(RuntimeError):
-    """A missing, corrupt or inconsistent checkpoint; the message names the file."""
 
 
 def rank_file(rank: int) -> str:

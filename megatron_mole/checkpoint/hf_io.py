@@ -24,6 +24,8 @@ from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 import torch
 from safetensors.torch import save_file
 
+from megatron_mole.errors import CheckpointError  # the one CheckpointError; re-exported as hf_io.CheckpointError
+
 __all__ = [
     "CheckpointError",
     "HFCheckpoint",
@@ -43,10 +45,6 @@ SINGLE_NAME = "model.safetensors"
 # chat templates, licences) is copied through byte for byte.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _WEIGHT_INDEXES = (INDEX_NAME, "pytorch_model.bin.index.json")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or tensor is missing, damaged or not what the model needs."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:

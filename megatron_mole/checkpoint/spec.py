@@ -21,10 +21,12 @@ from __future__ import annotations
 import math
 from typing import Any, Dict
 
+from megatron_mole.errors import MoleError
+
 __all__ = ["UnsupportedModelError", "ARCHITECTURES", "spec_from_hf_config", "check_layout"]
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(MoleError, ValueError):
     """The Hugging Face model uses a feature Megatron-core cannot represent exactly."""
 
 

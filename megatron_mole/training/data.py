@@ -51,6 +51,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from megatron_mole.errors import MoleError
+
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
 MAX_REPORTED_BAD_LINES = 20
@@ -69,7 +71,7 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-class DataError(ValueError):
+class DataError(MoleError, ValueError):
     """A bad data line under ``strict=True``, or data that cannot be used at all."""
 
 

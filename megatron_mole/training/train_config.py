@@ -16,9 +16,11 @@ Example (every section but ``base`` and ``data`` is optional; defaults below)::
     seed: 1234
     precision: auto                                         # auto: fp32 on CPU, bf16 on GPU
 
-Every key is checked: an unknown key anywhere (except inside the free-form ``mole``
-and ``data.domain_weights`` mappings) or a value of the wrong type is a
-``ConfigError`` naming its dotted path, e.g. ``config 'optimizer.lrr': unknown key``.
+Every key is checked: an unknown key anywhere (except inside the free-form
+``data.domain_weights`` mapping) or a value of the wrong type is a ``ConfigError``
+naming its dotted path, e.g. ``config 'optimizer.lrr': unknown key``. The ``mole``
+mapping is checked by building ``MoLEConfig`` from it at load time, its errors renamed
+``mole.<field>`` (``config 'mole.num_expert': unknown key``).
 Floats also accept strings such as ``1e-4`` (which YAML 1.1 reads as a string) and
 ``data.paths`` / ``data.prefix`` accept a single path. Relative paths are kept as written
 (relative to the working directory of the job).
@@ -29,6 +31,7 @@ named flags (``--max-steps`` etc., ``FLAGS``), which win.
 """
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,8 +39,10 @@ from typing import Any
 
 import yaml
 
+from megatron_mole import errors
 
-class ConfigError(ValueError):
+
+class ConfigError(errors.ConfigError):
     """A bad training config; ``key`` is the dotted path of the offending entry."""
 
     def __init__(self, key: str, message: str):
@@ -188,7 +193,7 @@ class TrainConfig:
     base: BaseConfig
     data: DataConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    mole: dict[str, Any] = field(default_factory=dict)  # MoLEConfig(**mole), validated there
+    mole: dict[str, Any] = field(default_factory=dict)  # MoLEConfig(**mole), validated at load (_check_mole)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -197,6 +202,7 @@ class TrainConfig:
     precision: str = "auto"
 
     def __post_init__(self):
+        _check_mole(self.mole)
         _require(self.precision in PRECISIONS, "precision",
                  f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _require(self.schedule.min_lr <= self.optimizer.lr, "schedule.min_lr",
@@ -205,6 +211,28 @@ class TrainConfig:
     @property
     def data_seed(self) -> int:
         return self.seed if self.data.seed is None else self.data.seed
+
+
+def _check_mole(values: dict):
+    """Build ``MoLEConfig(**values)`` now, so a bad ``mole`` entry is an error naming
+    ``mole.<field>`` before any process group starts (not a TypeError on every rank)."""
+    from megatron_mole.config import MoLEConfig
+
+    known = [f.name for f in dataclasses.fields(MoLEConfig)]
+    for name in values:
+        _require(name in known, f"mole.{name}", f"unknown key (allowed here: {', '.join(known)})")
+    try:
+        MoLEConfig(**values)
+    except ValueError as error:  # MoLEConfig (and the routers' check_args) name "MoLEConfig.<field>=<value>: ..."
+        text = str(error)
+        match = re.match(r"MoLEConfig\.(\w+)", text)
+        if match is None:
+            raise ConfigError("mole", text) from None
+        name = match.group(1)
+        given = f"{match.group(0)}={values.get(name)!r}: "
+        message = (f"{text[len(given):]} (got {values[name]!r})" if name in values and text.startswith(given)
+                   else text[match.end():].lstrip("=: "))
+        raise ConfigError(f"mole.{name}", message) from None
 
 
 def _type_name(tp) -> str:
