@@ -1,9 +1,10 @@
 """MoLEConfig: the one dataclass that describes a Mixture-of-LoRA-Experts adapter.
 
 Validated in ``__post_init__``; every error names the field and the offending
-value (an ``errors.ConfigError``, which is a ``ValueError``). Router names are checked against the registry in ``megatron_mole.routing``
-and methods against the one in ``megatron_mole.layers`` (layers/specs.py), so a
-router or method registered there is accepted here without touching this file;
+value (an ``errors.ConfigError``, which is a ``ValueError``). Router names are
+checked against the registry in ``megatron_mole.routing`` and methods against the
+one in ``megatron_mole.layers`` (layers/specs.py), so a router or method registered
+there is accepted here without touching this file;
 router-specific settings travel in ``router_args``.
 
 Target patterns (``targets``) are matched against each module's dotted path with

@@ -16,3 +16,22 @@ class ConfigError(MoleError, ValueError):
 
 class CheckpointError(MoleError, ValueError):
     """A checkpoint is missing, damaged or does not fit; the message names the file or tensor."""
+
+
+# What a command line reports as one line (exit status 2) instead of a traceback:
+# megatron_mole's own errors and the OS's answer to a wrong path.
+USER_ERRORS = (MoleError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+               PermissionError)
+
+
+def run_command(prog: str, run, args) -> int:
+    """``run(args)`` as a command: a user error becomes ``PROG: error: MESSAGE`` (one
+    line, on stderr) and exit status 2; anything else is a bug and propagates."""
+    import sys
+
+    try:
+        return int(run(args) or 0)
+    except USER_ERRORS as error:
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"{prog}: error: {message or type(error).__name__}", file=sys.stderr, flush=True)
+        return 2

@@ -1,7 +1,7 @@
 """Tiny Megatron-core GPT models and a training loop for parity tests.
 
 ``build_gpt``, ``make_batches`` and ``train`` come from the smoke command
-(:mod:`megatron_mole.runtime.smoke`); this file adds layout-independent init.
+(:mod:`tools.smoke`); this file adds layout-independent init.
 
 * ``build_gpt`` builds Megatron's own ``GPTModel`` from Megatron's own
   ``get_gpt_layer_local_spec`` at the current parallel layout (RMSNorm, GQA,
@@ -24,7 +24,7 @@ import zlib
 
 import torch
 
-from megatron_mole.runtime.smoke import SEQ, VOCAB, build_gpt, make_batches, train, wrap_ddp  # noqa: F401
+from tools.smoke import SEQ, VOCAB, build_gpt, make_batches, train, wrap_ddp  # noqa: F401
 
 
 _LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")

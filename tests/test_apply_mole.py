@@ -115,7 +115,7 @@ def _body():
 
     # `megatron-mole bench layer` runs end to end (tiny sizes; timings not checked)
     import argparse
-    from megatron_mole import bench
+    from tools import bench
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(["layer", "--hidden", "32", "--ffn", "48", "--tokens", "24",

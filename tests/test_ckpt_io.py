@@ -97,6 +97,15 @@ def test_several_ranks_write_their_own_files(tmp_path):
     assert len(errors) == world and all(isinstance(e, C.CheckpointError) for e in errors), errors
 
 
+def test_one_checkpoint_error_class():
+    # the training checkpoint, the HF reader and errors.py share one class (a ValueError, no longer a RuntimeError)
+    from megatron_mole import errors
+    from megatron_mole.checkpoint import hf_io
+
+    assert C.CheckpointError is hf_io.CheckpointError is errors.CheckpointError
+    assert issubclass(C.CheckpointError, errors.MoleError) and issubclass(C.CheckpointError, ValueError)
+
+
 def test_missing_and_corrupt_files_are_named(tmp_path):
     with pytest.raises(C.CheckpointError, match=f"{tmp_path}/latest is missing: no complete checkpoint"):
         C.load_checkpoint(tmp_path)

@@ -124,14 +124,14 @@ def test_mixed_dtypes_name_a_tensor(llama_dir, tmp_path):
 
 
 def test_narrowing_dtype_warns_naming_a_tensor(llama_dir):
-    from megatron_mole.checkpoint.convert import _resolve_dtype
+    from megatron_mole.checkpoint.convert import resolve_dtype
     from megatron_mole.checkpoint.hf_io import HFCheckpoint
 
     with HFCheckpoint(llama_dir) as ckpt:
         with pytest.warns(UserWarning, match="--dtype bfloat16 rounds tensors such as .lm_head.weight. \\(float32\\)"):
-            assert _resolve_dtype(ckpt, ckpt.keys(), "bfloat16") == torch.bfloat16
-        assert _resolve_dtype(ckpt, ckpt.keys(), "float64") == torch.float64  # widening: silent
-        assert _resolve_dtype(ckpt, ckpt.keys(), None) == torch.float32
+            assert resolve_dtype(ckpt, ckpt.keys(), "bfloat16") == torch.bfloat16
+        assert resolve_dtype(ckpt, ckpt.keys(), "float64") == torch.float64  # widening: silent
+        assert resolve_dtype(ckpt, ckpt.keys(), None) == torch.float32
 
 
 def test_not_a_converted_checkpoint(tmp_path):

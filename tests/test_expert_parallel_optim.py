@@ -27,7 +27,7 @@ def _train_with_megatron_optimizer(model, config, batches, distributed):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_mole.runtime.smoke import _loss_func
+    from tools.smoke import loss_func
 
     ddp = DistributedDataParallel(
         config,
@@ -49,7 +49,7 @@ def _train_with_megatron_optimizer(model, config, batches, distributed):
             tokens = next(data_iterator)
             inputs, labels = tokens[:, :-1], tokens[:, 1:]
             pos = torch.arange(inputs.shape[1]).unsqueeze(0)
-            return chunk(inputs, pos, None, labels=labels), partial(_loss_func, torch.ones_like(labels, dtype=torch.float32))
+            return chunk(inputs, pos, None, labels=labels), partial(loss_func, torch.ones_like(labels, dtype=torch.float32))
 
         ddp.zero_grad_buffer()
         optimizer.zero_grad()

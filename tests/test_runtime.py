@@ -66,8 +66,8 @@ def _claims_cuda():
         "torch.distributed.init_process_group",
         side_effect=lambda backend, **kw: calls.setdefault("backend", backend),
     ), mock.patch("torch.distributed.is_initialized", return_value=False), mock.patch(
-        "megatron_mole.runtime._init_model_parallel"
-    ):
+        "megatron.core.parallel_state.initialize_model_parallel"
+    ), mock.patch("megatron.core.tensor_parallel.model_parallel_cuda_manual_seed"):
         info = mm.init_distributed(device="auto")
     mode_stack = torch.overrides._get_current_function_mode_stack()
     return dict(

@@ -131,14 +131,15 @@ def _killed_save(work, save_dir):
     from megatron_mole.cli import main
     from megatron_mole.checkpoint import ckpt_io
 
-    commit = ckpt_io._commit
+    rename = os.rename
+    final = ckpt_io.step_dir(save_dir, 2).name
 
-    def die_on_second(root, step, *args, **kwargs):
-        if step == 2:
+    def die_on_second(src, dst, *args, **kwargs):
+        if Path(dst).name == final:  # the temporary step_2 directory renamed into place
             os._exit(17)  # killed after every file of step 2 was written, before rename and marker
-        return commit(root, step, *args, **kwargs)
+        return rename(src, dst, *args, **kwargs)
 
-    ckpt_io._commit = die_on_second
+    os.rename = die_on_second  # this process dies in the save; nothing to restore
     main(["train", "--config", str(Path(work) / "config.yaml"), "--set", "parallel.global_batch=2",
           "--set", "parallel.ep=1",
           "--max-steps", "3", "--save", save_dir, "--save-interval", "1"])

@@ -6,6 +6,7 @@ import textwrap
 import pytest
 import yaml
 
+from megatron_mole.errors import MoleError
 from megatron_mole.training import train_config as T
 
 MINIMAL = {"base": {"checkpoint": "/ckpt"}, "data": {"paths": ["train.jsonl"]}}
@@ -107,6 +108,22 @@ def test_override_precedence_yaml_then_set_then_flags(tmp_path):
         T.load_train_config(path, ["optimizer.lr"])
     with pytest.raises(T.ConfigError, match="config 'seed': cannot set 'seed.x'"):
         T.load_train_config(path, ["seed=3", "seed.x=1"])
+
+
+@pytest.mark.parametrize("mole, key, message", [
+    ({"num_expert": 4}, "mole.num_expert", "unknown key (allowed here: num_experts, rank,"),
+    ({"num_experts": 4, "top_k": 5}, "mole.top_k", "must be in [1, num_experts=4] (got 5)"),
+    ({"router": "nope"}, "mole.router", "unknown router"),
+    ({"rank": "8"}, "mole.rank", "must be an int (got '8')"),
+    ({"router_args": {"x": 1}}, "mole.router_args", "(got {'x': 1})"),
+])
+def test_mole_section_is_checked_at_load(mole, key, message):
+    # MoLEConfig is built when the config loads, its field errors renamed mole.<field>
+    with pytest.raises(T.ConfigError) as info:
+        T.config_from_dict({**MINIMAL, "mole": mole})
+    assert info.value.key == key and message in info.value.message, str(info.value)
+    assert str(info.value).startswith(f"config '{key}': ")
+    assert isinstance(info.value, MoleError) and isinstance(info.value, ValueError)
 
 
 def test_file_errors(tmp_path):

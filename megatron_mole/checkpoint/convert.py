@@ -58,7 +58,7 @@ from megatron_mole.checkpoint.mcore import (
 )
 from megatron_mole.checkpoint.spec import check_layout, spec_from_hf_config
 
-__all__ = ["hf_to_mcore", "mcore_to_hf", "atomic_output_dir"]
+__all__ = ["hf_to_mcore", "mcore_to_hf", "atomic_output_dir", "resolve_dtype"]
 
 FORMAT = "megatron_mole.base/1"
 
@@ -138,7 +138,12 @@ def _exact_cast(source: torch.dtype, target: torch.dtype) -> bool:
     return source == target or torch.finfo(target).bits > torch.finfo(source).bits
 
 
-def _resolve_dtype(ckpt: HFCheckpoint, keys, dtype: Optional[str]) -> torch.dtype:
+def resolve_dtype(ckpt: HFCheckpoint, keys, dtype: Optional[str]) -> torch.dtype:
+    """The Megatron params dtype for ``--dtype`` (None: the checkpoint's one dtype).
+
+    Warns, naming a tensor, when the cast rounds; mixed dtypes without ``--dtype``
+    are a CheckpointError naming a tensor of each.
+    """
     found = {}
     for key in keys:
         found.setdefault(ckpt.dtype(key), key)
@@ -186,7 +191,7 @@ def hf_to_mcore(
         spec["flags"]["tied_head_stored"] = not spec["flags"]["untied"] and "lm_head.weight" in ckpt.weight_map
         instances = rule_instances(spec, layout)
         used = [k for inst in instances for k in inst.hf if k in ckpt.weight_map]
-        params_dtype = _resolve_dtype(ckpt, used, dtype)
+        params_dtype = resolve_dtype(ckpt, used, dtype)
         spec["params_dtype"] = dtype_name(params_dtype)
         info = conversion_runtime()
         # A template only (names, global shapes, sharding): no memory behind it.

@@ -103,13 +103,12 @@ def export(args) -> str:
 
 
 def run(args) -> int:
-    from megatron_mole.checkpoint.hf_io import CheckpointError
-    from megatron_mole.checkpoint.ckpt_io import CheckpointError as TrainingCheckpointError
+    from megatron_mole.errors import MoleError
 
     start = time.perf_counter()
     try:
         what = export(args)
-    except (CheckpointError, TrainingCheckpointError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (MoleError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"megatron-mole export: error: {err}", file=sys.stderr)
         return 2
     print(f"export: {what} -> {args.out} in {time.perf_counter() - start:.1f}s")

@@ -4,7 +4,8 @@
 (or runs as a single process without one), starts ``torch.distributed`` (nccl on
 GPUs, gloo on CPU), initialises Megatron-core's ``parallel_state`` and its RNG
 tracker, and on CPU applies the CPU runtime (:mod:`megatron_mole.runtime.cpu`).
-A CUDA run applies no patch.
+A CUDA run applies no patch. Bad sizes or devices raise ``errors.ConfigError``
+(a ``ValueError``) naming the values.
 
 ``set_model_parallel`` switches the TP/PP/EP layout inside running processes
 (tests compare many layouts in one launch; process start-up costs seconds); it
@@ -22,6 +23,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_mole.errors import ConfigError
 from megatron_mole.runtime import cpu as cpu_runtime
 
 __all__ = [
@@ -70,16 +72,16 @@ def _resolve_device(device) -> torch.device:
     elif isinstance(device, str):
         kind = device.split(":")[0]
     else:
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda'; got {device!r}")
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda'; got {device!r}")
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("device='cuda' was requested but torch.cuda.is_available() is False")
+            raise ConfigError("device='cuda' was requested but torch.cuda.is_available() is False")
         local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
         if local_rank >= visible:
             # Without this check the rank dies later in torch.cuda.set_device with "invalid device ordinal".
-            raise ValueError(
+            raise ConfigError(
                 f"LOCAL_RANK={local_rank} but this node has {visible} visible CUDA device(s) "
                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): start at most "
                 f"{visible} process(es) per node (torchrun --nproc-per-node {visible}), or pass device='cpu'"
@@ -87,7 +89,7 @@ def _resolve_device(device) -> torch.device:
         return torch.device("cuda", local_rank)
     if kind == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"device must be 'auto', 'cpu' or 'cuda'; got {device!r}")
+    raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda'; got {device!r}")
 
 
 def _free_port() -> int:
@@ -101,16 +103,16 @@ def _check_positive(**sizes):
         if value is None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+            raise ConfigError(f"{name} must be a positive integer; got {value!r}")
 
 
 def _check_layout(world_size, tp, pp, ep, etp):
     if world_size % (tp * pp) != 0:
-        raise ValueError(
+        raise ConfigError(
             f"world size {world_size} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}"
         )
     if world_size % (etp * ep * pp) != 0:
-        raise ValueError(
+        raise ConfigError(
             f"world size {world_size} is not divisible by etp*ep*pp = {etp}*{ep}*{pp} = "
             f"{etp * ep * pp} (expert tensor parallel {etp}, expert parallel {ep}, pipeline {pp})"
         )

@@ -23,10 +23,8 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from megatron_mole.checkpoint.hf_io import CheckpointError as BaseCheckpointError
-    from megatron_mole.checkpoint.ckpt_io import CheckpointError
-    from megatron_mole.training.data import DataError
-    from megatron_mole.training.train_config import ConfigError, config_from_args
+    from megatron_mole.errors import MoleError
+    from megatron_mole.training.train_config import config_from_args
 
     try:
         if args.strict:
@@ -35,7 +33,7 @@ def run(args) -> int:
         from megatron_mole.training.loop import train
 
         result = train(cfg)
-    except (ConfigError, DataError, CheckpointError, BaseCheckpointError, OSError) as error:
+    except (MoleError, OSError) as error:  # config, data, checkpoint errors; a missing file
         print(f"megatron-mole train: error: {error}", file=sys.stderr, flush=True)
         return 2
     if result.records and _is_rank0():

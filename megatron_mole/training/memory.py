@@ -226,10 +226,21 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from megatron_mole.errors import ConfigError
     from megatron_mole.training.train_config import load_train_config
 
     with open(args.hf_config, encoding="utf-8") as handle:
-        shapes = shapes_from_hf_config(json.load(handle))
+        try:
+            hf = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{args.hf_config}: not valid JSON ({error})") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{args.hf_config}: expected a JSON object (a Hugging Face config.json)")
+    try:
+        shapes = shapes_from_hf_config(hf)
+    except KeyError as error:
+        raise ConfigError(f"{args.hf_config}: {error.args[0]!r} is missing (a Hugging Face config.json "
+                          f"of a Llama/Mistral/Qwen2/Mixtral-style model)") from None
     print(format_estimate(estimate(shapes, load_train_config(args.config), args.world_size, args.dtype_bytes)))
     return 0
 
@@ -237,7 +248,9 @@ def run(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_mole.training.memory", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from megatron_mole.errors import run_command
+
+    return run_command(parser.prog, run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def wrap_ddp(model, config):
     return ddp
 
 
-def _loss_func(loss_mask, output_tensor):
+def loss_func(loss_mask, output_tensor):
     losses = output_tensor.float()
     loss = torch.sum(losses.view(-1) * loss_mask.view(-1)) / loss_mask.sum()
     # clone: the schedule divides the returned loss in place by the micro-batch count
@@ -129,7 +129,7 @@ def train(model, config, batches, lr=0.5, micro_batch_size=1, after_step=None):
             inputs, labels = tokens[:, :-1], tokens[:, 1:]
             position_ids = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand_as(inputs)
             out = chunk(inputs, position_ids, None, labels=labels)
-            return out, partial(_loss_func, torch.ones_like(labels, dtype=torch.float32))
+            return out, partial(loss_func, torch.ones_like(labels, dtype=torch.float32))
 
         ddp.zero_grad_buffer()
         reduced = forward_backward(
