@@ -9,5 +9,7 @@ ship this folder, and those subcommands then say so.
 - ``smoke``: a tiny Megatron GPT trained a few steps at any layout (the tests'
   model builder and training loop, tests/_models.py, come from here too);
 - ``bench``: the ``bench`` dispatcher over ``bench_layer`` (adapted-MLP cost) and
-  ``bench_dispatch`` (all-to-all vs replicated experts).
+  ``bench_dispatch`` (all-to-all vs replicated experts);
+- ``gpu_check``: the GPU (CUDA, NCCL, bf16) checks the CPU test suite cannot run
+  (``python tools/gpu_check.py``).
 """

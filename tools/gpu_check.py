@@ -161,7 +161,7 @@ def mole_bf16(device: str) -> int:
 
     import megatron_mole as mm
     from megatron_mole.routing import Router
-    from megatron_mole.runtime.smoke import build_gpt, make_batches
+    from tools.smoke import build_gpt, make_batches
 
     info = mm.init_distributed(device=device, seed=1234)
     cfg = mm.MoLEConfig(num_experts=4, rank=8, alpha=16, top_k=2, lora_b_init="random", seed=5,
