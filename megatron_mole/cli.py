@@ -44,6 +44,7 @@ SUBCOMMANDS = {
     "memory": ("megatron_mole.training.memory", "expected memory per GPU of a training config"),
 }
 
+
 class MissingCommandError(MoleError):
     """A listed subcommand's module is not in this installation."""
 

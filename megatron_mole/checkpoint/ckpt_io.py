@@ -55,7 +55,6 @@ COLLECTIVE_DIR = "optimizer"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-
 def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
