@@ -119,9 +119,9 @@ def test_local_rank_beyond_visible_gpus_is_named(monkeypatch):
             mm.init_distributed(device=device)
         assert "--nproc-per-node 1" in str(info.value)
     monkeypatch.setenv("LOCAL_RANK", "0")
-    from megatron_mole.runtime import _resolve_device
+    from megatron_mole.runtime import resolve_device
 
-    assert str(_resolve_device("auto")) == "cuda:0"
+    assert str(resolve_device("auto")) == "cuda:0"
 
 
 def _switch_layouts():

@@ -27,7 +27,7 @@ def test_logging_memory_stays_flat_over_many_steps(tmp_path):
     monitor = RouterLoadMonitor(torch.nn.Module())  # no wrappers: hook the routers directly
     for layer, router in routers.items():
         torch.nn.init.normal_(router.weight)
-        router.register_forward_hook(monitor._hook(layer, EXPERTS), with_kwargs=True)
+        router.register_forward_hook(monitor.counting_hook(layer, EXPERTS), with_kwargs=True)
     log = tmp_path / "train.jsonl"
     logger = StepLogger(SimpleNamespace(logging=SimpleNamespace(progress=False, log_jsonl=str(log),
                                                                 tensorboard_dir=None)),

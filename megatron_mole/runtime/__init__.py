@@ -31,6 +31,7 @@ __all__ = [
     "init_distributed",
     "set_model_parallel",
     "get_device",
+    "resolve_device",
     "get_runtime",
     "is_initialized",
     "shutdown",
@@ -66,7 +67,9 @@ class RuntimeInfo:
 _RUNTIME: Optional[RuntimeInfo] = None
 
 
-def _resolve_device(device) -> torch.device:
+def resolve_device(device) -> torch.device:
+    """``"auto"`` / ``"cpu"`` / ``"cuda"`` (or a torch.device) -> this rank's device
+    (``cuda:LOCAL_RANK``); an unusable request is a ConfigError naming it."""
     if isinstance(device, torch.device):
         kind = device.type
     elif isinstance(device, str):
@@ -160,7 +163,7 @@ def init_distributed(
     global _RUNTIME
     etp = tp if etp is None else etp
     _check_positive(tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp)
-    resolved = _resolve_device(device)
+    resolved = resolve_device(device)
     if _RUNTIME is not None:
         asked = (tp, pp, ep, etp, vpp)
         if asked != _RUNTIME.layout or resolved.type != _RUNTIME.device.type:
@@ -307,7 +310,7 @@ def get_device() -> torch.device:
     """The device of this rank (after init_distributed), else the best available one."""
     if _RUNTIME is not None:
         return _RUNTIME.device
-    return _resolve_device("auto")
+    return resolve_device("auto")
 
 
 def shutdown() -> None:

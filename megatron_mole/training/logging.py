@@ -61,10 +61,11 @@ class RouterLoadMonitor:
             for module in wrapper.modules():
                 if isinstance(module, Router):
                     self.num_experts[wrapper.adapter_prefix] = module.num_experts
-                    hook = self._hook(wrapper.adapter_prefix, module.num_experts)
+                    hook = self.counting_hook(wrapper.adapter_prefix, module.num_experts)
                     self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
-    def _hook(self, layer: str, num_experts: int):
+    def counting_hook(self, layer: str, num_experts: int):
+        """A router forward hook adding the expert load of ``layer`` to ``counts``."""
         def count(module, args, kwargs, routing):
             expert_idx_TK = routing.expert_idx_TK.detach()
             weight_TK = None
