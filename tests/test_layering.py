@@ -9,6 +9,7 @@ megatron_mole it reaches and checked against ``LEVELS``: a file may import its o
 level and lower ones. Also: routing/ and experts/ are plain PyTorch (no Megatron-core
 import), megatron_mole never imports tools/ or tests/ (the CLI reaches tools/ by a
 computed module name, megatron_mole/cli.py), and a new folder must be given a level.
+Last, tests use no private (underscore) names of library modules.
 """
 import ast
 from pathlib import Path
@@ -172,3 +173,37 @@ def test_the_checker_sees_function_level_relative_and_lazy_imports(tmp_path):
     assert ("megatron_mole", "layers") in targets  # relative, inside a function
     assert ("megatron_mole", "model") in targets  # mm.apply_mole through the lazy table
     assert LEVELS["layers"] > LEVELS["routing"] and LEVELS["model"] > LEVELS["routing"]
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_tests_use_no_private_library_names():
+    # tests go through public names: `from megatron_mole.x import _y`, `module._y` on a name
+    # imported from megatron_mole, and "megatron_mole.x._y" patch targets are refused
+    found = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        bound = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "megatron_mole":
+                for alias in node.names:
+                    bound.add(alias.asname or alias.name)
+                    if _private(alias.name):
+                        found.append(f"{path.name}:{node.lineno} imports {node.module}.{alias.name}")
+            elif isinstance(node, ast.Import):
+                bound.update(a.asname or a.name.split(".")[0] for a in node.names
+                             if a.name.split(".")[0] == "megatron_mole")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and _private(node.attr):
+                root = node.value
+                while isinstance(root, ast.Attribute):
+                    root = root.value
+                if isinstance(root, ast.Name) and root.id in bound:
+                    found.append(f"{path.name}:{node.lineno} uses {root.id}...{node.attr}")
+            elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                  and node.value.startswith("megatron_mole.") and " " not in node.value
+                  and any(_private(part) for part in node.value.split("."))):
+                found.append(f"{path.name}:{node.lineno} names {node.value}")
+    assert found == [], "\n".join(found)
