@@ -109,17 +109,17 @@ def _die_on_second_chunk(items):
     return _encode(items)
 
 
-_encode = P._encode_chunk
+_encode = P.encode_chunk
 
 
 def test_killed_preprocess_leaves_no_partial_output(files, tmp_path, monkeypatch, capsys):
     root, tok, paths, _ = files
     monkeypatch.setattr(P, "CHUNK", 16)
-    monkeypatch.setattr(P, "_encode_chunk", _die_on_second_chunk)
+    monkeypatch.setattr(P, "encode_chunk", _die_on_second_chunk)
     with pytest.raises(D.DataError, match="a preprocess worker died"):
         P.preprocess(paths, tok, tmp_path / "out", workers=2)
     assert os.listdir(tmp_path) == []
-    monkeypatch.setattr(P, "_encode_chunk", _encode)
+    monkeypatch.setattr(P, "encode_chunk", _encode)
     P.preprocess(paths[:1], tok, tmp_path / "out")
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     calls = []
@@ -130,8 +130,8 @@ def test_killed_preprocess_leaves_no_partial_output(files, tmp_path, monkeypatch
             raise RuntimeError("disk full")
         return add(self, *args)
 
-    add = P._Writer.add
-    monkeypatch.setattr(P._Writer, "add", fail_on_second)
+    add = P.DatasetWriter.add
+    monkeypatch.setattr(P.DatasetWriter, "add", fail_on_second)
     with pytest.raises(RuntimeError, match="disk full"):  # replacing with --force: the old one stays whole
         P.preprocess(paths, tok, tmp_path / "out", workers=1, force=True)
     assert os.listdir(tmp_path) == ["out"]

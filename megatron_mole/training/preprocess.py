@@ -126,7 +126,7 @@ def _init_worker(tokenizer_dir):
     _tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-def _encode_chunk(items) -> list:
+def encode_chunk(items) -> list:
     """[(line, reason) for a bad record | (line, domain, ids, spans, first_label)] of one chunk."""
     from jinja2 import TemplateError
 
@@ -150,7 +150,7 @@ def _results(chunks, tokenizer_dir, workers: int):
     if workers <= 1:
         _init_worker(tokenizer_dir)
         for file_index, chunk in chunks:
-            yield file_index, len(chunk), _encode_chunk(chunk)
+            yield file_index, len(chunk), encode_chunk(chunk)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -162,7 +162,7 @@ def _results(chunks, tokenizer_dir, workers: int):
         window = deque()
         try:
             for file_index, chunk in chunks:
-                window.append((file_index, len(chunk), pool.submit(_encode_chunk, chunk)))
+                window.append((file_index, len(chunk), pool.submit(encode_chunk, chunk)))
                 if len(window) >= 2 * workers:
                     file_index, n, future = window.popleft()
                     yield file_index, n, future.result()
@@ -178,7 +178,7 @@ def _results(chunks, tokenizer_dir, workers: int):
 
 # ---------------------------------------------------------------- writing
 
-class _Writer:
+class DatasetWriter:
     """Streams encoded examples into the temporary directory."""
 
     def __init__(self, tmp: Path, vocab_size: int):
@@ -265,7 +265,7 @@ def preprocess(data, tokenizer_dir, out, workers: int = 1, force: bool = False) 
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _main_thread() else None
     writer = None
     try:
-        writer = _Writer(tmp, len(tokenizer))
+        writer = DatasetWriter(tmp, len(tokenizer))
         for file_index, num_lines, results in _results(_chunks(paths), str(tokenizer_dir), workers):
             writer.add(file_index, paths[file_index], results, num_lines)
         if not writer.counts:
