@@ -11,5 +11,7 @@ ship this folder, and those subcommands then say so.
 - ``bench``: the ``bench`` dispatcher over ``bench_layer`` (adapted-MLP cost) and
   ``bench_dispatch`` (all-to-all vs replicated experts);
 - ``gpu_check``: the GPU (CUDA, NCCL, bf16) checks the CPU test suite cannot run
-  (``python tools/gpu_check.py``).
+  (``python tools/gpu_check.py``);
+- scripts run by path: ``bench_convert`` (conversion time and memory), ``data_scale``
+  (data loading at scale).
 """
