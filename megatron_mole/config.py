@@ -29,6 +29,9 @@ from megatron_mole.errors import ConfigError
 EXPERT_SCOPES = ("mlp", "linear")
 LORA_B_INITS = ("zeros", "random")
 BALANCE_SCOPES = ("global", "micro_batch")
+# Method names MoLEConfig accepts: the built-in one, plus every name registered with
+# megatron_mole.layers.register_method (which adds it here; the classes live in layers/)
+METHOD_NAMES = {"mole"}
 DISPATCH_MODES = ("auto", "local", "alltoall", "replicated")
 
 
@@ -64,7 +67,6 @@ class MoLEConfig:
 
     def __post_init__(self):
         from megatron_mole.experts.grouped import GROUPED_MM_BACKENDS
-        from megatron_mole.layers import METHODS
         from megatron_mole.routing import ROUTERS
 
         def need(ok, name, what):
@@ -83,7 +85,7 @@ class MoLEConfig:
              "must be in [0, 1)")
         need(self.router in ROUTERS, "router", f"unknown router; known: {sorted(ROUTERS)}")
         need(isinstance(self.router_args, dict), "router_args", "must be a dict")
-        need(self.method in METHODS, "method", f"unknown method; known: {sorted(METHODS)}")
+        need(self.method in METHOD_NAMES, "method", f"unknown method; known: {sorted(METHOD_NAMES)}")
         need(self.expert_scope in EXPERT_SCOPES, "expert_scope", f"must be one of {EXPERT_SCOPES}")
         need(self.lora_b_init in LORA_B_INITS, "lora_b_init", f"must be one of {LORA_B_INITS}")
         need(self.grouped_mm_backend in GROUPED_MM_BACKENDS, "grouped_mm_backend",

@@ -39,11 +39,7 @@ PLAIN_PYTORCH = ("routing", "experts")
 
 # Known violations, (file, imported module) -> why it is still there. Fix them, don't add
 # to them: the test fails when an entry is no longer needed.
-KNOWN_VIOLATIONS = {
-    ("megatron_mole/config.py", "megatron_mole.layers"):
-        "MoLEConfig checks `method` against layers/specs.py's method registry; the registry (names "
-        "only) belongs at or below config, as routing/ keeps ROUTERS below it",
-}
+KNOWN_VIOLATIONS = {}  # (file, module) -> why it is tolerated; none today
 
 
 def _lazy_names() -> dict:

@@ -266,11 +266,9 @@ def export_adapter(sd: Dict[str, torch.Tensor], cfg, spec: dict, out_dir: str, b
 
 def import_adapter(adapter_dir: str):
     """(Megatron adapter state dict, MoLEConfig, adapter config) of an exported directory."""
-    from megatron_mole.config import MoLEConfig
-
     config, tensors = read_adapter_dir(adapter_dir)
     sd = hf_to_megatron(tensors, config["modules"], config["shapes"], config["mole_config"])
-    return sd, MoLEConfig.from_dict(config["mole_config"]), config
+    return sd, mole_config(config["mole_config"]), config
 
 
 # ---------------------------------------------------------------- one expert: merge

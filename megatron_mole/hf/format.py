@@ -60,10 +60,16 @@ def group_kind(group: dict):
 
 
 def mole_config(cfg):
-    """A MoLEConfig from a config or its dict (an exported ``mole_config``)."""
+    """A MoLEConfig from a config or its saved dict (an exported ``mole_config``). A saved
+    dict without ``balance`` predates that field: its routers balanced per micro-batch and
+    carry no balance state."""
     from megatron_mole.config import MoLEConfig
 
-    return cfg if isinstance(cfg, MoLEConfig) else MoLEConfig.from_dict(dict(cfg))
+    if isinstance(cfg, MoLEConfig):
+        return cfg
+    values = dict(cfg)
+    values.setdefault("balance", "micro_batch")
+    return MoLEConfig.from_dict(values)
 
 
 def tensor_links(group: dict, cfg) -> Iterator[Tuple[str, List[str], str]]:

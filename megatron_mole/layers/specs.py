@@ -172,8 +172,12 @@ class Method:
 
 
 def register_method(cls):
-    """Class decorator: register a Method (by its ``name``)."""
-    return _register(METHODS, "method", cls)
+    """Class decorator: register a Method (by its ``name``; MoLEConfig then accepts it)."""
+    from megatron_mole.config import METHOD_NAMES
+
+    _register(METHODS, "method", cls)
+    METHOD_NAMES.add(cls.name)
+    return cls
 
 
 def kind_of(name: str) -> AdapterKind:
