@@ -42,10 +42,39 @@ def test_grouped_linear_errors_name_the_problem():
     x, w = torch.zeros(4, 3), torch.zeros(2, 5, 3)
     with pytest.raises(ValueError, match="counts sum to 3"):
         grouped_linear(x, w, [1, 2])
-    with pytest.raises(ValueError, match="3 counts for 2 weight groups"):
+    with pytest.raises(ValueError, match="3 counts is not a multiple of 2 weights"):
         grouped_linear(x, w, [1, 2, 1])
     with pytest.raises(ValueError, match="grouped_mm_backend='nope'"):
         grouped_linear(x, w, [2, 2], backend="nope")
+
+
+def test_periodic_groups_equal_one_weight_per_group():
+    """Slot-major groups (g uses weight g % W): the loop backend indexes the W weights and
+    accumulates their gradients; a backend without periodic groups gets copies. Both equal
+    a per-segment reference, output and gradients."""
+    from megatron_mole.experts.grouped import LoopBackend, register_grouped_mm_backend
+
+    class Copies(LoopBackend):
+        periodic_groups = False
+
+    register_grouped_mm_backend("test_copies", Copies())
+    gen = torch.Generator().manual_seed(0)
+    counts = [2, 0, 3, 1, 0, 4, 0, 2, 1]  # 3 slots x 3 weights, empty groups included
+    x = torch.randn(sum(counts), 5, generator=gen, dtype=torch.float64)
+    w = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
+    dy = torch.randn(sum(counts), 4, generator=gen, dtype=torch.float64)
+    results = []
+    for backend in ("loop", "test_copies", None):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        if backend is None:
+            y = torch.cat([seg @ wi[g % 3].t() for g, seg in enumerate(xi.split(counts))])
+        else:
+            y = grouped_linear(xi, wi, counts, backend=backend)
+        (y * dy).sum().backward()
+        results.append((y.detach(), xi.grad, wi.grad))
+    for got in results[:2]:
+        for a, b in zip(got, results[2]):
+            torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("T,E,K", [(9, 4, 1), (9, 4, 2), (6, 3, 3), (5, 8, 2), (1, 2, 2)])

@@ -114,7 +114,9 @@ def _worker(args):
                                  ps.get_data_parallel_world_size())[0]
         # slowest rank decides the step
         for mode in modes:
-            med = torch.tensor([statistics.median(times[mode]), traffic[mode]], dtype=torch.float64)
+            # on the run's device: NCCL reduces only GPU tensors
+            med = torch.tensor([statistics.median(times[mode]), traffic[mode]], dtype=torch.float64,
+                               device=info.device)
             dist.all_reduce(med, op=dist.ReduceOp.MAX)
             rows.append((ep, mode, med[1].item() / args.tokens, med[0].item(), choice))
     if info.rank == 0:

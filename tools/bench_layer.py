@@ -6,7 +6,10 @@ RowParallelLinear fc2) at hidden H, ffn F on T tokens, frozen, with:
 of rank r on fc1 and fc2), ``mole-top1``/``mole-top2`` (expert_scope "mlp",
 E experts), ``mole-linear-top1/2`` (expert_scope "linear") and ``naive-top1/2``
 (a MixLoRA-style loop: a boolean mask per expert over all tokens, the whole
-MLP recomputed per chosen expert). Variants run alternately in one process
+MLP recomputed per chosen expert), and the seed routers in scope "mlp" at
+top-2: ``router-dynmole``, ``router-gw``, ``router-mor`` (their mean experts per
+token, which sets their cost, is printed beside them: an untrained dynmole
+router is near uniform, so most tokens go dense). Variants run alternately in one process
 (round-robin, so machine noise hits all of them alike); medians and the ratio
 to ``lora`` of the same rank are printed, for wall time and for this
 process's CPU time (more robust when other jobs share the cores; with several
@@ -30,7 +33,7 @@ def add_arguments(parser):
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--variants", nargs="+", default=None,
                         help="subset of: base lora mole-top1 mole-top2 mole-linear-top1 "
-                             "mole-linear-top2 naive-top1 naive-top2")
+                             "mole-linear-top2 naive-top1 naive-top2 router-dynmole router-gw router-mor")
     parser.add_argument("--backend", default="loop", help="grouped-matmul backend")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
@@ -79,8 +82,8 @@ def _variants(args, rank, device):
             p.requires_grad_(False)
         return m
 
-    def mole_cfg(k, scope):
-        return MoLEConfig(num_experts=args.experts, rank=rank, top_k=k, expert_scope=scope,
+    def mole_cfg(k, scope, router="topk"):
+        return MoLEConfig(num_experts=args.experts, rank=rank, top_k=k, expert_scope=scope, router=router,
                           lora_b_init="random", aux_loss_coeff=0.01,
                           grouped_mm_backend=args.backend)
 
@@ -103,6 +106,8 @@ def _variants(args, rank, device):
         ref = init(MoLEMLP(mlp(), mole_cfg(k, "mlp")))[0]
         params = [ref.router.weight, (ref.fc1.lora_a, ref.fc1.lora_b), (ref.fc2.lora_a, ref.fc2.lora_b)]
         out[f"naive-top{k}"] = (ref.base, ref.cfg, params)
+    for router in ("dynmole", "gw", "mor"):
+        out[f"router-{router}"] = init(MoLEMLP(mlp(), mole_cfg(2, "mlp", router)))[0]
     return out
 
 
@@ -123,8 +128,11 @@ def run(args):
         torch.set_num_threads(args.threads)
     info = mm.init_distributed(device=args.device)
     device = info.device
+    from megatron_mole.routing import AUX_LOSS_TRACKER
+
     names = args.variants or ["base", "lora", "mole-top1", "mole-top2", "mole-linear-top1",
-                              "mole-linear-top2", "naive-top1", "naive-top2"]
+                              "mole-linear-top2", "naive-top1", "naive-top2", "router-dynmole",
+                              "router-gw", "router-mor"]
     x = torch.randn(args.tokens, 1, args.hidden, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"megatron MLP H={args.hidden} F={args.ffn} tokens={args.tokens} experts={args.experts} "
@@ -133,8 +141,13 @@ def run(args):
         variants = _variants(args, rank, device)
         wall = {n: [] for n in names}
         cpu = {n: [] for n in names}
+        experts_per_token = {}
         for n in names:  # warm-up
+            AUX_LOSS_TRACKER.reset()
             _step(variants[n], x)
+            stats = [v.get("experts_per_token") for v in AUX_LOSS_TRACKER.report().values()]
+            if n.startswith("router-") and stats:
+                experts_per_token[n] = stats[0]
         for _ in range(args.rounds):
             for n in names:
                 sync()
@@ -150,5 +163,6 @@ def run(args):
                 med = statistics.median(times[n])
                 ref = statistics.median(times["lora"]) if "lora" in times else None
                 cells.append(f"{med * 1000:8.1f} ms" + (f" {med / ref:5.2f}x" if ref else ""))
-            print(f"  {n:18s} {cells[0]}   {cells[1]}")
+            used = f"   {experts_per_token[n]:.2f} experts/token" if n in experts_per_token else ""
+            print(f"  {n:18s} {cells[0]}   {cells[1]}{used}")
     return 0

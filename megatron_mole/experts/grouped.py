@@ -40,23 +40,35 @@ def _offsets(counts: Sequence[int]) -> List[int]:
 
 
 class LoopBackend:
-    name = "loop"
+    """Also takes *periodic* groups (``periodic_groups``): W weights for G = k * W groups,
+    group g using weight g % W (the slot-major rows of dispatch/local.py), without
+    materialising k copies of the weights or of their gradients."""
 
-    def segment_mm(self, x_SK, w_GKN, counts):
-        y_SN = x_SK.new_empty(x_SK.shape[0], w_GKN.shape[-1])
-        off = _offsets(counts)
+    name = "loop"
+    periodic_groups = True
+
+    def segment_mm(self, x_SK, w_WKN, counts):
+        y_SN = x_SK.new_empty(x_SK.shape[0], w_WKN.shape[-1])
+        off, num_weights = _offsets(counts), w_WKN.shape[0]
         for g in range(len(counts)):
             if off[g + 1] > off[g]:
-                torch.mm(x_SK[off[g]:off[g + 1]], w_GKN[g], out=y_SN[off[g]:off[g + 1]])
+                torch.mm(x_SK[off[g]:off[g + 1]], w_WKN[g % num_weights], out=y_SN[off[g]:off[g + 1]])
         return y_SN
 
-    def segment_wgrad(self, a_SM, b_SN, counts):
-        g_GMN = a_SM.new_zeros(len(counts), a_SM.shape[1], b_SN.shape[1])
-        off = _offsets(counts)
+    def segment_wgrad(self, a_SM, b_SN, counts, num_weights=None):
+        num_weights = num_weights or len(counts)
+        g_WMN = a_SM.new_zeros(num_weights, a_SM.shape[1], b_SN.shape[1])
+        off, written = _offsets(counts), set()
         for g in range(len(counts)):
             if off[g + 1] > off[g]:
-                torch.mm(a_SM[off[g]:off[g + 1]].t(), b_SN[off[g]:off[g + 1]], out=g_GMN[g])
-        return g_GMN
+                w = g % num_weights
+                a, b = a_SM[off[g]:off[g + 1]].t(), b_SN[off[g]:off[g + 1]]
+                if w in written:
+                    g_WMN[w].addmm_(a, b)
+                else:
+                    torch.mm(a, b, out=g_WMN[w])
+                    written.add(w)
+        return g_WMN
 
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -86,6 +98,7 @@ def grouped_mm_supports(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 class TorchGroupedMMBackend(LoopBackend):
     name = "torch_grouped_mm"
+    periodic_groups = False  # the kernel takes one weight per group
 
     def _offs(self, counts, device):
         return torch.tensor(_offsets(counts)[1:], dtype=torch.int32, device=device)
@@ -122,9 +135,12 @@ def register_grouped_mm_backend(name: str, backend) -> None:
 
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_SI, w_GOI, counts, backend):
+    def forward(ctx, x_SI, w_WOI, counts, backend):
+        repeats = len(counts) // w_WOI.shape[0]
+        # backends without periodic groups get one weight per group (copies)
+        w_GOI = w_WOI if repeats == 1 or getattr(backend, "periodic_groups", False) else w_WOI.repeat(repeats, 1, 1)
         ctx.save_for_backward(x_SI, w_GOI)
-        ctx.counts, ctx.backend = counts, backend
+        ctx.counts, ctx.backend, ctx.num_weights = counts, backend, w_WOI.shape[0]
         return backend.segment_mm(x_SI, w_GOI.transpose(1, 2), counts)
 
     @staticmethod
@@ -135,18 +151,25 @@ class _GroupedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = ctx.backend.segment_mm(dy_SO, w_GOI, ctx.counts)
         if ctx.needs_input_grad[1]:
-            dw = ctx.backend.segment_wgrad(dy_SO, x_SI, ctx.counts)
+            if w_GOI.shape[0] != ctx.num_weights:  # copies: sum their gradients
+                dw = ctx.backend.segment_wgrad(dy_SO, x_SI, ctx.counts)
+                dw = dw.view(-1, ctx.num_weights, *dw.shape[1:]).sum(0)
+            elif len(ctx.counts) != ctx.num_weights:
+                dw = ctx.backend.segment_wgrad(dy_SO, x_SI, ctx.counts, ctx.num_weights)
+            else:
+                dw = ctx.backend.segment_wgrad(dy_SO, x_SI, ctx.counts)
         return dx, dw, None, None
 
 
-def grouped_linear(x_SI: torch.Tensor, w_GOI: torch.Tensor, counts: Sequence[int],
+def grouped_linear(x_SI: torch.Tensor, w_WOI: torch.Tensor, counts: Sequence[int],
                    backend: str = "loop") -> torch.Tensor:
-    """Rows of segment g times ``w_GOI[g].T``; ``counts`` are host ints summing to S."""
-    if len(counts) != w_GOI.shape[0]:
-        raise ValueError(f"grouped_linear: {len(counts)} counts for {w_GOI.shape[0]} weight groups")
+    """Rows of segment g times ``w_WOI[g % W].T``; ``counts`` are host ints summing to S,
+    one per group, a multiple of the W weights (slot-major groups: dispatch/local.py)."""
+    if len(counts) % w_WOI.shape[0]:
+        raise ValueError(f"grouped_linear: {len(counts)} counts is not a multiple of {w_WOI.shape[0]} weights")
     if sum(int(c) for c in counts) != x_SI.shape[0]:
         raise ValueError(f"grouped_linear: counts sum to {sum(counts)}, x_SI has {x_SI.shape[0]} rows")
     impl = GROUPED_MM_BACKENDS.get(backend)
     if impl is None:
         raise ValueError(f"grouped_mm_backend={backend!r}: unknown; known {sorted(GROUPED_MM_BACKENDS)}")
-    return _GroupedLinear.apply(x_SI.contiguous(), w_GOI, list(counts), impl)
+    return _GroupedLinear.apply(x_SI.contiguous(), w_WOI, list(counts), impl)

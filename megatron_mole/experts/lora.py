@@ -44,21 +44,19 @@ class LoRAExperts(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(num_experts, out_features, rank, dtype=dtype,
                                                device=device))
 
-    def _per_group(self, w_E__: torch.Tensor, counts_G: Sequence[int]) -> torch.Tensor:
-        groups = len(counts_G)
-        if groups == self.num_experts:
-            return w_E__
-        if groups % self.num_experts:
-            raise ValueError(f"LoRAExperts: {groups} groups is not a multiple of "
+    def _check_groups(self, counts_G: Sequence[int]) -> None:
+        if len(counts_G) % self.num_experts:
+            raise ValueError(f"LoRAExperts: {len(counts_G)} groups is not a multiple of "
                              f"num_experts={self.num_experts}")
-        # Slot-major rows (see dispatch/local.py): group g uses expert g % E.
-        return w_E__.repeat(groups // self.num_experts, 1, 1)
 
     def down(self, x_SI: torch.Tensor, counts_G: Sequence[int]) -> torch.Tensor:
-        return grouped_linear(x_SI, self._per_group(self.lora_a, counts_G), counts_G, self.backend)
+        # slot-major rows (dispatch/local.py): group g uses expert g % E
+        self._check_groups(counts_G)
+        return grouped_linear(x_SI, self.lora_a, counts_G, self.backend)
 
     def up(self, u_SR: torch.Tensor, counts_G: Sequence[int]) -> torch.Tensor:
-        return grouped_linear(u_SR, self._per_group(self.lora_b, counts_G), counts_G, self.backend)
+        self._check_groups(counts_G)
+        return grouped_linear(u_SR, self.lora_b, counts_G, self.backend)
 
     def block(self, x_SI: torch.Tensor, gates_S: torch.Tensor, counts_G: Sequence[int], placement,
               dropout: float, training: bool) -> torch.Tensor:
