@@ -192,7 +192,7 @@ def run(args):
     if info.rank == 0:
         print(
             f"smoke: world={info.world_size} tp={info.tp} pp={info.pp} ep={info.ep} dp={info.dp} "
-            f"device={info.device.type} patches={len(info.cpu_patches)} "
+            f"device={info.device.type} patches={len(info.patches)} "
             f"losses={[round(x, 4) for x in losses]} ({time.perf_counter() - start:.1f}s)"
         )
     if not losses[-1] < losses[0]:
