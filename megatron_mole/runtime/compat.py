@@ -90,11 +90,15 @@ def build_hybrid_model(config, layer_spec, pattern: str, **model_kwargs):
                                                              TransformerLayerSubmodules)
 
     sub = layer_spec.submodules
+    # The local spec stores its norms under Transformer Engine's names (input_layernorm ->
+    # self_attention.linear_qkv.layer_norm_*); the hybrid layers keep that map, so their
+    # checkpoint keys are those of the GPT layer they are half of.
+    keys_map = dict(getattr(sub, "sharded_state_dict_keys_map", None) or {})
     attention = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
         input_layernorm=sub.input_layernorm, self_attention=sub.self_attention,
-        self_attn_bda=sub.self_attn_bda))
+        self_attn_bda=sub.self_attn_bda, sharded_state_dict_keys_map=keys_map))
     mlp_sub = TransformerLayerSubmodules(pre_mlp_layernorm=sub.pre_mlp_layernorm, mlp=sub.mlp,
-                                         mlp_bda=sub.mlp_bda)
+                                         mlp_bda=sub.mlp_bda, sharded_state_dict_keys_map=keys_map)
     stack = ModuleSpec(module=HybridStack, submodules=HybridStackSubmodules(
         attention_layer=attention,
         mlp_layer=ModuleSpec(module=MLPLayer, submodules=mlp_sub),

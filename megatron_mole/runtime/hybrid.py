@@ -99,6 +99,10 @@ def gpt_keyed_sharded_state_dict(model, ckpt_keys) -> Dict:
     stacked = _stacked_layers(ckpt_keys)
     full = model.sharded_state_dict()
     out = {k: v for k, v in full.items() if not k.startswith("decoder.")}
+    # GPTModel stores no (empty) output-layer extra state; neither does its checkpoint.
+    extra = out.pop("output_layer._extra_state", None)
+    if extra is not None and extra.data:
+        raise ValueError(f"the HybridModel's output layer has extra state {extra.data!r}: not in a GPT checkpoint")
     final = {k: v for k, v in full.items() if k.startswith("decoder.final_norm.")}
     replace_prefix_for_sharding(final, "decoder.final_norm.", "decoder.final_layernorm.")
     out.update(final)
