@@ -3,8 +3,9 @@ adapters, freeze the base; adapter_state_dict / load_adapter_state_dict.
 
 Matching (patterns: see config.py) runs on each module's *global* path: the
 local index of ``decoder.layers.{i}`` is replaced by Megatron's global
-``layer_number - 1``, so targets, layer selections and adapter names are the
-same at every pipeline layout. The method (``MoLEConfig.method``, a registry in
+``layer_number - 1`` (in a HybridModel: the GPT layer it is half of,
+runtime/hybrid.py), so targets, layer selections and adapter names are the
+same at every pipeline layout and on both bases. The method (``MoLEConfig.method``, a registry in
 layers/specs.py) names the adapter kind of each matched linear; a kind whose
 unit is an MLP wraps the parent MLP once. For method "mole":
 

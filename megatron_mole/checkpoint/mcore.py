@@ -138,7 +138,7 @@ def build_model(
                   post_process=ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
                   vp_stage=vp_stage)
     if model == "hybrid":
-        built = _build_hybrid(config, fields, layer_spec, gpt, stages, vpp)
+        built = _build_hybrid(config, fields, gpt, stages, vpp)
     else:
         built = GPTModel(config, layer_spec, **stages, **gpt)
     restore_tensor_parallel_attributes(built)
@@ -150,12 +150,13 @@ def build_model(
 build_gpt_model = build_model  # the original name
 
 
-def _build_hybrid(config, fields, layer_spec, gpt, stages, vpp):
+def _build_hybrid(config, fields, gpt, stages, vpp):
     """HybridModel of the same base: one "*-" ("*E" for MoE) pair per GPT layer, the same
-    local layer spec, a "|" between pipeline (and virtual pipeline) stages."""
+    local layer specs, a "|" between pipeline (and virtual pipeline) stages."""
     import dataclasses as dc
 
     from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from megatron_mole.runtime import compat, hybrid
 
@@ -179,7 +180,12 @@ def _build_hybrid(config, fields, layer_spec, gpt, stages, vpp):
     # The hybrid stack counts attention and MLP layers separately; the MoE layer mask of the
     # GPT config does not apply to it (the pattern says which layers are MoE).
     config = dc.replace(config, num_layers=2 * num_layers, moe_layer_freq=1)
-    return compat.build_hybrid_model(config, layer_spec, pattern, **stages, **gpt)
+    dense_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    moe_spec = None
+    if any(moe):
+        moe_spec = get_gpt_layer_local_spec(num_experts=fields["num_moe_experts"], normalization="RMSNorm",
+                                            moe_grouped_gemm=bool(fields.get("moe_grouped_gemm", False)))
+    return compat.build_hybrid_model(config, dense_spec, pattern, moe_layer_spec=moe_spec, **stages, **gpt)
 
 
 def restore_tensor_parallel_attributes(model) -> int:

@@ -74,10 +74,11 @@ def hybrid_unavailable_reason() -> Optional[str]:
     return None
 
 
-def build_hybrid_model(config, layer_spec, pattern: str, **model_kwargs):
+def build_hybrid_model(config, layer_spec, pattern: str, moe_layer_spec=None, **model_kwargs):
     """Megatron's ``HybridModel`` whose attention ("*"), MLP ("-") and MoE ("E") layers are
     built from ``layer_spec``, a GPT layer spec (``TransformerLayer`` submodules): its
-    norm + self-attention become the attention layer, its norm + MLP the MLP/MoE layer.
+    norm + self-attention become the attention layer, its norm + MLP the MLP layer; the MoE
+    layer takes its norm + MoE block from ``moe_layer_spec`` (default: ``layer_spec``).
     ``model_kwargs`` are GPTModel-style keyword arguments (vocab_size, rope, ...)."""
     reason = hybrid_unavailable_reason()
     if reason is not None:
@@ -97,12 +98,17 @@ def build_hybrid_model(config, layer_spec, pattern: str, **model_kwargs):
     attention = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
         input_layernorm=sub.input_layernorm, self_attention=sub.self_attention,
         self_attn_bda=sub.self_attn_bda, sharded_state_dict_keys_map=keys_map))
-    mlp_sub = TransformerLayerSubmodules(pre_mlp_layernorm=sub.pre_mlp_layernorm, mlp=sub.mlp,
-                                         mlp_bda=sub.mlp_bda, sharded_state_dict_keys_map=keys_map)
+
+    def mlp_part(spec):
+        s = spec.submodules
+        keys = dict(getattr(s, "sharded_state_dict_keys_map", None) or {})
+        return TransformerLayerSubmodules(pre_mlp_layernorm=s.pre_mlp_layernorm, mlp=s.mlp, mlp_bda=s.mlp_bda,
+                                          sharded_state_dict_keys_map=keys)
+
     stack = ModuleSpec(module=HybridStack, submodules=HybridStackSubmodules(
         attention_layer=attention,
-        mlp_layer=ModuleSpec(module=MLPLayer, submodules=mlp_sub),
-        moe_layer=ModuleSpec(module=MoETransformerLayer, submodules=mlp_sub)))
+        mlp_layer=ModuleSpec(module=MLPLayer, submodules=mlp_part(layer_spec)),
+        moe_layer=ModuleSpec(module=MoETransformerLayer, submodules=mlp_part(moe_layer_spec or layer_spec))))
     kwargs = dict(model_kwargs)
     kwargs.pop("transformer_layer_spec", None)
     return HybridModel(config, hybrid_stack_spec=stack, hybrid_layer_pattern=pattern, **kwargs)
