@@ -60,8 +60,9 @@ def check_gpt_pattern(pattern: str) -> int:
 
 
 def is_hybrid_stack(module) -> bool:
-    """A Megatron HybridStack (the decoder of a HybridModel)."""
-    return type(module).__name__ in ("HybridStack", "MambaStack") and hasattr(module, "layer_type_list")
+    """A Megatron HybridStack (the decoder of a HybridModel; 0.19's MambaStack is an alias).
+    0.16's MambaStack (MambaModel) is not supported and stays a plain stack here."""
+    return type(module).__name__ == "HybridStack" and hasattr(module, "layer_type_list")
 
 
 def _model_pattern(model) -> Optional[str]:
