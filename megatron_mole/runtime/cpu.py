@@ -330,7 +330,7 @@ _APPLIED: List[str] = []
 _WARNED = set()
 
 
-def _in_version_range(patch: Patch, warn: bool = True) -> bool:
+def in_version_range(patch: Patch, warn: bool = True) -> bool:
     """Whether ``patch`` applies to the installed megatron-core: not before its tested
     range (the code it patches is newer); past the range it applies and warns once."""
     lo, hi = patch.tested
@@ -351,7 +351,7 @@ def patches_for(device_type: str, have_te: bool) -> List[Patch]:
     """The patches a run on ``device_type`` needs with the installed megatron-core: on CPU
     all of them; elsewhere the NO_TE ones when Transformer Engine is absent, else none."""
     wanted = [p for p in PATCHES if device_type == "cpu" or (p.scope == NO_TE and not have_te)]
-    return [p for p in wanted if _in_version_range(p, warn=False)]
+    return [p for p in wanted if in_version_range(p, warn=False)]
 
 
 def apply_runtime(device_type: str = "cpu") -> List[str]:
@@ -359,7 +359,7 @@ def apply_runtime(device_type: str = "cpu") -> List[str]:
     if _APPLIED:
         return list(_APPLIED)
     for patch in patches_for(device_type, compat.have_transformer_engine()):
-        _in_version_range(patch)
+        in_version_range(patch)
         _UNDO.append(patch.apply())
         _APPLIED.append(patch.name)
     return list(_APPLIED)
