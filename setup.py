@@ -13,7 +13,8 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16,<0.17",
+        # Tested: 0.16.1 (Python 3.11) and 0.19.2 (Python 3.12); README "Supported versions".
+        "megatron-core>=0.16,<0.20",
         "transformers>=4.45",
         "safetensors",
         "pyyaml",

@@ -10,7 +10,7 @@ router-specific settings travel in ``router_args``.
 Target patterns (``targets``) are matched against each module's dotted path with
 *global* layer indices (``decoder.layers.{L}`` with L = Megatron's
 ``layer_number - 1``, so a pattern means the same thing at every pipeline
-layout):
+layout; in a HybridModel the GPT layer each half belongs to, runtime/hybrid.py):
 
 - a bare name (``linear_fc1``) matches any module whose last path component is
   that name;

@@ -3,8 +3,9 @@ adapters, freeze the base; adapter_state_dict / load_adapter_state_dict.
 
 Matching (patterns: see config.py) runs on each module's *global* path: the
 local index of ``decoder.layers.{i}`` is replaced by Megatron's global
-``layer_number - 1``, so targets, layer selections and adapter names are the
-same at every pipeline layout. The method (``MoLEConfig.method``, a registry in
+``layer_number - 1`` (in a HybridModel: the GPT layer it is half of,
+runtime/hybrid.py), so targets, layer selections and adapter names are the
+same at every pipeline layout and on both bases. The method (``MoLEConfig.method``, a registry in
 layers/specs.py) names the adapter kind of each matched linear; a kind whose
 unit is an MLP wraps the parent MLP once. For method "mole":
 
@@ -44,6 +45,7 @@ from megatron_mole.layers.base import AdapterWrapper
 from megatron_mole.layers.context import install_context_hooks
 from megatron_mole.layers.parallel import fc1_stride, placement_for
 from megatron_mole.layers.specs import kind_of
+from megatron_mole.runtime.hybrid import canonical_layer_index, check_model, is_hybrid_stack
 
 ATTENTION_LINEARS = ("linear_qkv", "linear_proj")
 
@@ -84,13 +86,17 @@ def pattern_matches(pattern: str, path: str) -> bool:
 
 
 def _global_paths(model: nn.Module) -> Dict[str, str]:
-    """local module path -> path with global layer indices (and no wrapper
-    ``module.`` prefixes)."""
+    """local module path -> path with global (GPT) layer indices (and no wrapper
+    ``module.`` prefixes). A HybridModel's layers map to the GPT layer they are half of
+    (runtime/hybrid.py), so both bases share target patterns and adapter names."""
+    modules = dict(model.named_modules())
     layer_prefix = {}
-    for path, mod in model.named_modules():
+    for path, mod in modules.items():
         last = path.rsplit(".", 1)[-1]
         if last.isdigit() and path.split(".")[-2:-1] == ["layers"] and hasattr(mod, "layer_number"):
-            layer_prefix[path] = path[: -len(last)] + str(int(mod.layer_number) - 1)
+            stack = modules.get(path.rsplit(".", 2)[0])
+            index = canonical_layer_index(int(mod.layer_number), hybrid=is_hybrid_stack(stack))
+            layer_prefix[path] = path[: -len(last)] + str(index)
     out = {}
     for path, _ in model.named_modules():
         g = path
@@ -118,6 +124,7 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
         raise TypeError(f"apply_mole: cfg must be a MoLEConfig, got {type(cfg).__name__}")
     if any(isinstance(m, AdapterWrapper) for m in model.modules()):
         raise ValueError("apply_mole: the model already has adapters")
+    check_model(model)  # a HybridModel needs a pattern with a GPT equivalent
     gpaths = _global_paths(model)
     modules = dict(model.named_modules())
     hits = {p: [] for p in cfg.targets}

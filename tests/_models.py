@@ -33,12 +33,21 @@ _EXPERT = re.compile(r"local_experts\.(\d+)\.")
 
 def global_name(model, name):
     """Local parameter name -> the same name with global layer and expert ids."""
-    from megatron.core import parallel_state as ps
+    from megatron_mole.runtime import hybrid
 
+    if hybrid.is_hybrid_stack(model.decoder):  # the equivalent GPTModel's name (same seeds)
+        return global_name_experts(model, hybrid.gpt_parameter_name(name, model))
     match = _LAYER.search(name)
     if match:
         layer = model.decoder.layers[int(match.group(2))]
         name = name[: match.start(2)] + str(layer.layer_number - 1) + name[match.end(2) :]
+    return global_name_experts(model, name)
+
+
+def global_name_experts(model, name):
+    """``name`` with global expert ids."""
+    from megatron.core import parallel_state as ps
+
     match = _EXPERT.search(name)
     if match:
         num_local = model.config.num_moe_experts // ps.get_expert_model_parallel_world_size()

@@ -264,6 +264,20 @@ LAYOUTS = [
     ("qwen2_moe_dense_layer", 1, 2, 1),
     ("qwen2_moe_dense_layer", 1, 1, 2),
 ]
+# The same checkpoints loaded as Megatron's HybridModel (megatron-core >= 0.19): (name, tp, pp, ep,
+# vpp, "hybrid"), in the same launch.
+HYBRID_LAYOUTS = [
+    ("llama", 2, 1, 1, None, "hybrid"),
+    ("mixtral", 2, 1, 1, None, "hybrid"),  # MoE at TP2: sequence parallel
+    ("llama_4_layers", 1, 2, 1, 2, "hybrid"),
+    ("qwen2_moe_dense_layer", 1, 2, 1, None, "hybrid"),
+    ("qwen2_moe_sharded", 1, 1, 2, None, "hybrid"),
+]
+
+
+def _layouts():
+    from megatron_mole.runtime import compat
+    return LAYOUTS + (HYBRID_LAYOUTS if compat.hybrid_unavailable_reason() is None else [])
 
 
 def _verify_layouts(root, layouts):
@@ -285,9 +299,10 @@ def _verify_layouts(root, layouts):
 
     verify.hf_logits = counting_hf_logits
     out = []
-    for name, tp, pp, ep, *vpp in layouts:
+    for name, tp, pp, ep, *rest in layouts:
+        vpp, model = (rest + [None, "gpt"][len(rest):])[:2]
         hf, mcore = os.path.join(root, name, "hf"), os.path.join(root, name, "mcore")
-        out.append(verify.compare_logits(hf, mcore, tp=tp, pp=pp, ep=ep, vpp=(vpp or [None])[0], seq=16)["max_rel"])
+        out.append(verify.compare_logits(hf, mcore, tp=tp, pp=pp, ep=ep, vpp=vpp, seq=16, model=model)["max_rel"])
     # The CLI path once: exit status 0 under the tolerance.
     parser = argparse.ArgumentParser()
     verify.add_arguments(parser)
@@ -304,13 +319,15 @@ def _verify_layouts(root, layouts):
 
 def test_verify_at_tp2_pp2_ep2(converted):
     root, _ = converted
-    results = run_distributed(_verify_layouts, 2, root, LAYOUTS, timeout=600)
+    layouts = _layouts()
+    results = run_distributed(_verify_layouts, 2, root, layouts, timeout=600)
     # transformers runs once per verification (the layouts and the 2 CLI runs), on one rank, on the CPU
     calls = [rank_result.pop() for rank_result in results]
-    assert sum(len(c) for c in calls) == len(LAYOUTS) + 2 and set(calls[0] + calls[1]) == {"cpu"}, calls
+    assert sum(len(c) for c in calls) == len(layouts) + 2 and set(calls[0] + calls[1]) == {"cpu"}, calls
     for rank_result in results:
         *diffs, status, mismatch_status = rank_result
-        for layout, diff in zip(LAYOUTS, diffs):
+        assert len(diffs) == len(layouts)
+        for layout, diff in zip(layouts, diffs):
             assert diff <= FP64_TOLERANCE, (layout, diff)
         assert (status, mismatch_status) == (0, 1)
     assert results[0] == results[1]  # every rank reports the same all-reduced maximum
@@ -368,3 +385,12 @@ def test_two_process_conversion_matches_one_process(converted):
             pytest.skip("the 2-process launch did not run (run the whole file)")
         assert_same_dist_ckpt(os.path.join(root, name, "mcore"), os.path.join(root, name, "mcore_n2"))
         assert_same_hf_files(os.path.join(root, name, "hf"), os.path.join(root, name, "back_n2"))
+
+
+def test_hybrid_model_of_converted_checkpoints():
+    """HybridModel layouts run in test_verify_at_tp2_pp2_ep2's launch (megatron-core >= 0.19)."""
+    from megatron_mole.runtime import compat
+    reason = compat.hybrid_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    assert set(HYBRID_LAYOUTS) <= set(_layouts())

@@ -8,8 +8,14 @@ so that they change the logits.
 
 One spawned process builds everything and checks TP1; one 2-process launch runs
 ``verify --adapter`` at TP2, PP2 and (MoE base) EP2. Hugging Face-side checks run in the pytest process.
+
+HybridModel (megatron-core >= 0.19): for the HYBRID_CASES the adapter made on the GPTModel
+loads into ``load_model(..., model="hybrid")`` of the same checkpoint with the same logits,
+its state dict comes back under the same names, that loads into a GPTModel again (same
+logits), and ``verify --model hybrid`` matches transformers with the exported adapter.
 """
 import argparse
+import dataclasses
 import json
 import os
 
@@ -39,6 +45,7 @@ CASES = {
     "attention_lora": ("llama", dict(expert_scope="mlp", targets=["linear_qkv", "linear_proj"], layers=[1])),
 }
 PLAIN_LORA = ("one_expert", "attention_lora")
+HYBRID_CASES = ("mlp_top2", "qwen2_mlp_top2_fc2", "qwen2_moe_linear")
 # (case, tp, pp, ep) for the 2-process launch (plus linear_top2 at TP2 through the CLI)
 MULTI_LAYOUT = [("mlp_top1", 2, 1, 1), ("mlp_top2", 1, 2, 1), ("linear_top1", 1, 2, 1),
                 ("qwen2_moe_linear", 1, 1, 2), ("mixtral_attention", 1, 2, 1)]
@@ -103,6 +110,8 @@ def _build(root):
         res["round_trip"] = sorted(back) == sorted(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
         res["tensors"] = len(sd)
         res["diff"] = verify.max_logits_difference(hf, mcore, adapter=f"{work}/adapter", seq=16)
+        if case in HYBRID_CASES:
+            res["hybrid"] = _hybrid_checks(hf, mcore, work, cfg, sd, res["logits"], vocab)
         if case in PLAIN_LORA:
             res["peft_status"] = _cli("--checkpoint", f"{work}/saved", "--out", f"{work}/peft", "--format", "peft")
             res["merge_status"] = _cli("--checkpoint", f"{work}/saved", "--out", f"{work}/merged", "--merge")
@@ -120,6 +129,33 @@ def _build(root):
     return out
 
 
+def _hybrid_checks(hf, mcore, work, cfg, sd, gpt_logits, vocab):
+    """GPT adapter -> HybridModel of the same checkpoint -> GPTModel: logits at each hop."""
+    import megatron_mole as mm
+    from megatron_mole.checkpoint import verify
+    from megatron_mole.checkpoint.mcore import load_model
+    from megatron_mole.runtime import compat
+
+    if compat.hybrid_unavailable_reason() is not None:
+        return None
+    gpt_logits = torch.tensor(gpt_logits)
+    other = dataclasses.replace(cfg, seed=cfg.seed + 1)  # the loads must overwrite this init
+    hybrid = mm.apply_mole(load_model(mcore, params_dtype=torch.float32, model="hybrid"), other)
+    mm.load_adapter_state_dict(hybrid, sd)
+    into_hybrid = verify.megatron_logits([hybrid], tokens(), vocab)
+    hsd = mm.adapter_state_dict(hybrid)
+    gpt = mm.apply_mole(load_model(mcore, params_dtype=torch.float32), other)
+    mm.load_adapter_state_dict(gpt, hsd)
+    back = verify.megatron_logits([gpt], tokens(), vocab)
+    return {
+        "into_hybrid": float((into_hybrid - gpt_logits).abs().max()),
+        "back_to_gpt": float((back - gpt_logits).abs().max()),
+        "scale": float(gpt_logits.abs().max()),
+        "same_tensors": sorted(hsd) == sorted(sd) and all(torch.equal(hsd[k], sd[k]) for k in sd),
+        "hf_diff": verify.max_logits_difference(hf, mcore, adapter=f"{work}/adapter", seq=16, model="hybrid"),
+    }
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("export"))
@@ -134,6 +170,19 @@ def test_export_round_trips_and_matches_megatron(built, case):
     assert res["status"] == 0
     assert res["round_trip"] and res["tensors"] > 0  # export -> inverse mapping -> bit-identical tensors
     assert res["diff"] <= TOLERANCE, (case, res["diff"])
+
+
+@pytest.mark.parametrize("case", HYBRID_CASES)
+def test_gpt_adapter_loads_into_hybrid_model_and_back(built, case):
+    from megatron_mole.runtime import compat
+
+    reason = compat.hybrid_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    res = built[1][case]["hybrid"]
+    assert res["same_tensors"]
+    assert res["into_hybrid"] <= 1e-5 and res["back_to_gpt"] <= 1e-5, res
+    assert res["hf_diff"] <= TOLERANCE, res
 
 
 def _hf(root, case, adapter=None):

@@ -18,6 +18,11 @@ a gradient; replicated adapter params stay bit-identical over TP ranks;
 adapter_state_dict has the same names; and the adapter saved at TP2+SP loads
 at TP1 and gives the same per-token losses. At TP2+SP the bytes through TP
 collectives of one forward + backward are measured against the frozen base's.
+
+With megatron-core >= 0.19 the same launch also trains Megatron's HybridModel of the
+same base (pattern "*-*-", runtime/hybrid.py) at TP2+SP and TP2xPP2: same losses as the
+GPTModel at TP1, same adapter names; and the GPT adapter saved at TP2+SP loads into the
+HybridModel at TP1 with the same per-token losses.
 """
 import pytest
 
@@ -29,6 +34,15 @@ LAYOUTS = [
     dict(tp=1, pp=2, sp=False),
     dict(tp=2, pp=2, sp=False),
 ]
+HYBRID_LAYOUTS = [
+    dict(tp=2, pp=1, sp=True, hybrid=True),
+    dict(tp=2, pp=2, sp=False, hybrid=True),
+]
+
+
+def _layouts():
+    from megatron_mole.runtime import compat
+    return LAYOUTS + (HYBRID_LAYOUTS if compat.hybrid_unavailable_reason() is None else [])
 CASES = {
     "mlp_top2_zeroB": dict(expert_scope="mlp", top_k=2, lora_b_init="zeros"),
     "linear_top2_randomB": dict(expert_scope="linear", top_k=2, lora_b_init="random"),
@@ -129,10 +143,10 @@ def _run(case):
     mm.init_distributed(device="cpu", seed=1234)  # a second call returns the same runtime
     batches = _models.make_batches(STEPS, global_batch=GLOBAL_BATCH)
     eval_tokens = _models.make_batches(1, global_batch=2, seed=99)[0]
-    out = {"losses": [], "names": [], "base_ok": [], "tp_replica_diff": []}
-    for layout in LAYOUTS:
+    out = {"losses": [], "names": [], "base_ok": [], "tp_replica_diff": [], "layouts": _layouts()}
+    for layout in out["layouts"]:
         set_model_parallel(tp=layout["tp"], pp=layout["pp"])
-        model, config = _models.build_gpt(sequence_parallel=layout["sp"])
+        model, config = _models.build_gpt(sequence_parallel=layout["sp"], hybrid=layout.get("hybrid", False))
         _models.seed_full_params(model, seed=3)
         base = [(p, p.detach().clone()) for p in model.parameters()]
         if layout["sp"]:
@@ -151,17 +165,19 @@ def _run(case):
         out["tp_replica_diff"].append(_replicated_params_identical_over_tp(model))
         sd = mm.adapter_state_dict(model)
         out["names"].append(sorted(sd))
-        if layout["tp"] == 2 and layout["pp"] == 1:
+        if layout["tp"] == 2 and layout["pp"] == 1 and not layout.get("hybrid"):
             saved_sd, saved_losses = sd, _token_losses(model, eval_tokens)
     set_aux_loss_scale(None)
-    # the adapter saved at TP2+SP loads at TP1: same outputs
+    # the adapter saved at TP2+SP loads at TP1 (into the HybridModel too): same outputs
     set_model_parallel(tp=1, pp=1)
-    model, config = _models.build_gpt()
-    _models.seed_full_params(model, seed=3)
-    mm.apply_mole(model, _cfg(case, seed=12345))  # other init: the load must overwrite it
-    mm.load_adapter_state_dict(model, saved_sd)
-    got = _token_losses(model, eval_tokens)
-    out["reload_diff"] = float((got - saved_losses).abs().max())
+    out["reload_diff"] = []
+    for hybrid in sorted({bool(layout.get("hybrid")) for layout in out["layouts"]}):
+        model, config = _models.build_gpt(hybrid=hybrid)
+        _models.seed_full_params(model, seed=3)
+        mm.apply_mole(model, _cfg(case, seed=12345))  # other init: the load must overwrite it
+        mm.load_adapter_state_dict(model, saved_sd)
+        got = _token_losses(model, eval_tokens)
+        out["reload_diff"].append(float((got - saved_losses).abs().max()))
     out["reload_scale"] = float(saved_losses.abs().max())
     return out
 
@@ -176,17 +192,17 @@ def launch():
 def test_mole_parity_tp_sp_pp(launch, case):
     per_rank = [r[case] for r in launch]
     res = per_rank[0]
-    print(case, {str(l): v for l, v in zip(LAYOUTS, res["losses"])})
+    print(case, {str(l): v for l, v in zip(res["layouts"], res["losses"])})
     ref = res["losses"][0]
     assert ref[-1] < ref[0], f"loss did not decrease: {ref}"
-    for layout, losses in zip(LAYOUTS[1:], res["losses"][1:]):
+    for layout, losses in zip(res["layouts"][1:], res["losses"][1:]):
         for step, (a, b) in enumerate(zip(ref, losses)):
             assert abs(a - b) <= 1e-5 * abs(a), (case, layout, step, a, b)
     for rank, r in enumerate(per_rank):
         assert all(r["base_ok"]), (rank, r["base_ok"])
         assert max(r["tp_replica_diff"]) == 0.0, (rank, r["tp_replica_diff"])
         assert all(names == r["names"][0] for names in r["names"]), rank
-        assert r["reload_diff"] <= 1e-5 * r["reload_scale"], (rank, r["reload_diff"])
+        assert max(r["reload_diff"]) <= 1e-5 * r["reload_scale"], (rank, r["reload_diff"])
     # (routers carry their balance state, balance="global")
     assert len(res["names"][0]) == {"mlp": 2 * (4 + 5 + 1), "linear": 2 * 4 * 4}[CASES[case]["expert_scope"]]
     # Under TP2+SP the adapters share the base's all-gathers and reduce-scatters: beyond what
@@ -196,3 +212,14 @@ def test_mole_parity_tp_sp_pp(launch, case):
     ratio, unshared = moved[case] / moved["base"], moved[case + " unshared"] / moved["base"]
     print(case, "TP2+SP bytes over the frozen base:", round(ratio, 3), "unshared:", round(unshared, 3), moved)
     assert ratio < 1.3 and unshared > ratio + 0.3, (case, ratio, unshared, moved)
+
+
+def test_hybrid_model_layouts_in_the_launch(launch):
+    """The HybridModel layouts ran (megatron-core >= 0.19) and matched GPTModel above."""
+    from megatron_mole.runtime import compat
+    reason = compat.hybrid_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    res = launch[0][sorted(CASES)[0]]
+    assert [l for l in res["layouts"] if l.get("hybrid")] == HYBRID_LAYOUTS
+    assert len(res["reload_diff"]) == 2  # GPTModel and HybridModel at TP1

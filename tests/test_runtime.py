@@ -43,19 +43,22 @@ def test_bad_input_is_named_and_runtime_on_cpu():
     assert "'tpu'" in errors["{'device': 'tpu'}"]
     assert "tp must be a positive integer; got 0" in errors["{'tp': 0}"]
     assert "already called with tp=2" in errors["second call"] and "now asked for tp=1" in errors["second call"]
-    from megatron_mole.runtime.cpu import PATCHES
+    from megatron_mole.runtime.cpu import PATCHES, patches_for
 
-    assert patches == sorted(p.name for p in PATCHES)
+    # every patch whose tested range starts at or before this megatron-core
+    assert patches == sorted(p.name for p in patches_for("cpu", have_te=False))
+    assert len(patches) >= len(PATCHES) - 1
 
 
-def _claims_cuda():
-    """A process that claims CUDA: nccl is asked for and no CPU patch is applied."""
+def _claims_cuda(with_te):
+    """A process that claims CUDA: nccl is asked for; without Transformer Engine only the
+    patches needed wherever TE is absent are applied (no CPU-only one), with TE none."""
     from unittest import mock
 
     import torch
 
     import megatron_mole as mm
-    from megatron_mole.runtime import cpu
+    from megatron_mole.runtime import compat, cpu
 
     original_current_device = torch.cuda.current_device
     calls = {}
@@ -67,27 +70,55 @@ def _claims_cuda():
         side_effect=lambda backend, **kw: calls.setdefault("backend", backend),
     ), mock.patch("torch.distributed.is_initialized", return_value=False), mock.patch(
         "megatron.core.parallel_state.initialize_model_parallel"
-    ), mock.patch("megatron.core.tensor_parallel.model_parallel_cuda_manual_seed"):
+    ), mock.patch("megatron.core.tensor_parallel.model_parallel_cuda_manual_seed"), mock.patch.object(
+        compat, "have_transformer_engine", return_value=with_te
+    ):
         info = mm.init_distributed(device="auto")
     mode_stack = torch.overrides._get_current_function_mode_stack()
+    # The local spec's norm under sequence parallelism: Megatron's WrappedTorchNorm refuses
+    # it unless the TE-absent patch is in place (issue: SP died at model build on GPUs).
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2,
+                               normalization="RMSNorm", sequence_parallel=True,
+                               tensor_model_parallel_size=2)
+    try:
+        norm = WrappedTorchNorm(config, 8)
+        sp_norm = all(getattr(p, "sequence_parallel", False) for p in norm.parameters())
+    except AssertionError:
+        sp_norm = "refused"
+    from megatron.core.transformer.moe import moe_utils
+
     return dict(
         backend=calls.get("backend"),
         set_device=calls.get("set_device"),
         info_device=str(info.device),
         patches=cpu.applied_patches(),
-        info_patches=list(info.cpu_patches),
+        info_patches=list(info.patches),
         modes=[type(m).__name__ for m in mode_stack],
         current_device_untouched=torch.cuda.current_device is original_current_device,
+        sp_norm=sp_norm,
+        te_general_gemm_defined=hasattr(moe_utils, "te_general_gemm"),
     )
 
 
-def test_cuda_process_gets_no_patch():
-    (result,) = run_distributed(_claims_cuda, 1)
-    assert result["backend"] == "nccl"
-    assert result["set_device"] == "cuda:0" and result["info_device"] == "cuda:0"
-    assert result["patches"] == [] and result["info_patches"] == []
-    assert "CudaToCpuMode" not in result["modes"]
-    assert result["current_device_untouched"]
+def test_cuda_process_gets_only_te_absent_patches():
+    from megatron_mole.runtime.cpu import NO_TE, PATCHES, patches_for
+
+    no_te, with_te = run_distributed(_claims_cuda, 1, False), run_distributed(_claims_cuda, 1, True)
+    expected = [p.name for p in patches_for("cuda", have_te=False)]
+    assert expected and all(p.scope == NO_TE for p in PATCHES if p.name in expected)
+    assert {"torch-norm-sequence-parallel", "moe-te-general-gemm"} <= set(expected)
+    for (result,), patches in ((no_te, expected), (with_te, [])):
+        assert result["backend"] == "nccl"
+        assert result["set_device"] == "cuda:0" and result["info_device"] == "cuda:0"
+        assert result["patches"] == patches and result["info_patches"] == patches
+        # no CPU-only patch: no device mode, torch.cuda untouched
+        assert "CudaToCpuMode" not in result["modes"]
+        assert result["current_device_untouched"]
+    assert no_te[0]["sp_norm"] is True and no_te[0]["te_general_gemm_defined"]
+    assert with_te[0]["sp_norm"] == "refused"
 
 
 def _single_process_without_torchrun():

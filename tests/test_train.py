@@ -10,6 +10,8 @@ One launch runs several jobs through the real entry point (``megatron_mole.cli.m
   one step: the adapters load at another layout, so C's, P's and Q's step-3 losses equal D's (the
   optimizer state is resharded in C, P and Q, which say so; a step's loss is computed before its
   update; test_train_resume.py checks the steps after it);
+- H (megatron-core >= 0.19): D with ``base.model: hybrid``: the adapters trained on the GPTModel
+  resume in Megatron's HybridModel of the same checkpoint: the same step-3 loss as D;
 - E: ``--strict`` refuses the data's bad lines (exit status 2); A reports them, with line numbers;
 - F: a fresh run saving into A's directory (which holds step 4) is refused before training;
 - G: B again on A's data preprocessed (``data.prefix``, megatron-mole preprocess): B's losses bit
@@ -71,7 +73,10 @@ def _jobs(work):
                       "--log-jsonl", str(work / "A.jsonl")])}
     out["B"] = main(["train", "--config", cfg, "--load", str(work / "A"), "--load-step", "2",
                      "--save", str(work / "B"), "--log-jsonl", str(work / "B.jsonl")])
-    for name, layout in LAYOUTS.items():
+    from megatron_mole.runtime import compat
+
+    hybrid = {"H": ["base.model=hybrid"]} if compat.hybrid_unavailable_reason() is None else {}
+    for name, layout in {**LAYOUTS, **hybrid}.items():
         result = train(load_train_config(cfg, layout + ["mole.dropout=0.0"], {
             "checkpoint.load_dir": str(work / "A"), "checkpoint.load_step": 2, "schedule.max_steps": 3}))
         out[name] = {"loss": result.records[0]["loss"], "start": result.start_step,
@@ -99,6 +104,11 @@ def test_resume_exact_and_at_another_layout(work, capfd):
     for other in ("C", "P", "Q"):
         assert rank0[other]["start"] == 2 and rank0[other]["resharded"]
         assert rank0[other]["loss"] == pytest.approx(d["loss"], rel=1e-5), other
+    if "H" in rank0:  # GPT-trained adapters resumed in the HybridModel
+        h = rank0["H"]
+        assert h["start"] == 2 and h["loss"] == pytest.approx(d["loss"], rel=1e-5)
+        assert h["record"]["expert_load"].keys() == d["record"]["expert_load"].keys()
+        assert h["params"] == d["params"]
     p = rank0["P"]
     # the memory estimate counts exactly the adapter elements each rank holds (EP2, TP2, PP2 stages, EP1)
     from megatron_mole.training.memory import estimate, shapes_from_hf_config

@@ -55,11 +55,11 @@ def _grad_sync(wrapper, dp_group, expert_dp_group):
 def _worker(args):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.mlp import MLP
 
     import megatron_mole as mm
+    from megatron_mole.runtime import compat
     from megatron_mole.dispatch import alltoall
     from megatron_mole.dispatch.cost import choose_dispatch
     from megatron_mole.layers.mole_mlp import MoLEMLP
@@ -73,7 +73,7 @@ def _worker(args):
                              num_attention_heads=8, gated_linear_unit=True, activation_func=F.silu,
                              add_bias_linear=False, use_cpu_initialization=True,
                              params_dtype=torch.float32)
-    spec = get_gpt_layer_local_spec().submodules.mlp.submodules
+    spec = compat.local_mlp_submodules()
     sync = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
     rows = []
     for ep in [e for e in (1, 2, 4, 8) if info.world_size % e == 0 and args.experts % e == 0]:

@@ -62,11 +62,11 @@ def _naive_forward(mlp, cfg, x_TH, router, experts1, experts2):
 
 
 def _variants(args, rank, device):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.mlp import MLP
 
     from megatron_mole.config import MoLEConfig
+    from megatron_mole.runtime import compat
     from megatron_mole.layers.linear import LoRALinear, MoLELinear
     from megatron_mole.layers.mole_mlp import MoLEMLP
 
@@ -74,7 +74,7 @@ def _variants(args, rank, device):
                              num_attention_heads=8, gated_linear_unit=True, activation_func=F.silu,
                              add_bias_linear=False, use_cpu_initialization=True,
                              params_dtype=torch.float32)
-    spec = get_gpt_layer_local_spec().submodules.mlp.submodules
+    spec = compat.local_mlp_submodules()
 
     def mlp():
         m = MLP(tcfg, spec, ffn_hidden_size=args.ffn).to(device)

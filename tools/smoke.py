@@ -21,7 +21,9 @@ VOCAB = 128
 SEQ = 16
 
 
-def build_gpt(moe=False, sequence_parallel=False, vocab=VOCAB, seq=SEQ, num_layers=2, **overrides):
+def build_gpt(moe=False, sequence_parallel=False, vocab=VOCAB, seq=SEQ, num_layers=2, hybrid=False, **overrides):
+    """Megatron's GPTModel, or with ``hybrid`` its HybridModel of the same layers (pattern
+    "*-" / "*E" per GPT layer, the same local layer spec; megatron-core >= 0.19)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -67,6 +69,19 @@ def build_gpt(moe=False, sequence_parallel=False, vocab=VOCAB, seq=SEQ, num_laye
     spec = get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm"
     )
+    if hybrid:
+        import dataclasses
+
+        from megatron_mole.runtime import compat
+        from megatron_mole.runtime.hybrid import gpt_pattern
+
+        pattern = gpt_pattern(num_layers, [moe] * num_layers, ps.get_pipeline_model_parallel_world_size())
+        hybrid_config = dataclasses.replace(config, num_layers=2 * num_layers)
+        model = compat.build_hybrid_model(
+            hybrid_config, spec, pattern, vocab_size=vocab, max_sequence_length=seq,
+            pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+            share_embeddings_and_output_weights=False, position_embedding_type="rope")
+        return model, hybrid_config
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -192,7 +207,7 @@ def run(args):
     if info.rank == 0:
         print(
             f"smoke: world={info.world_size} tp={info.tp} pp={info.pp} ep={info.ep} dp={info.dp} "
-            f"device={info.device.type} patches={len(info.cpu_patches)} "
+            f"device={info.device.type} patches={len(info.patches)} "
             f"losses={[round(x, 4) for x in losses]} ({time.perf_counter() - start:.1f}s)"
         )
     if not losses[-1] < losses[0]:

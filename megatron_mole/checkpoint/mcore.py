@@ -1,4 +1,4 @@
-"""Megatron-core side of a converted base: build the GPTModel, save and load it.
+"""Megatron-core side of a converted base: build the GPTModel (or HybridModel), save and load it.
 
 A converted directory holds::
 
@@ -11,7 +11,9 @@ The model is Megatron-core's own ``GPTModel`` from ``get_gpt_layer_local_spec`` 
 its SequentialMLP experts; dense and MoE layers mixed: ``get_gpt_decoder_block_spec``),
 so the checkpoint loads at any TP/PP/EP (and virtual pipeline): the sharded state dict
 of the model built for the current layout tells ``dist_checkpointing`` which slices each
-rank needs.
+rank needs. ``model="hybrid"`` builds Megatron's ``HybridModel`` of the same base instead
+(pattern ``"*-"`` per GPT layer, from the same local layer spec) and loads the very same
+files through GPT-keyed sharded state dicts (:mod:`megatron_mole.runtime.hybrid`).
 
 ``load_tensors`` reads single parameters' regions of the checkpoint through torch's own
 checkpoint reader, without Megatron's loader (which wants whole stacked tensors): that
@@ -30,13 +32,19 @@ import torch.nn.functional as F
 from megatron_mole.checkpoint.hf_io import CheckpointError, dtype_from_name
 from megatron_mole.checkpoint.spec import check_layout
 
-__all__ = ["SPEC_NAME", "DIST_DIR", "HF_DIR", "read_spec", "build_gpt_model", "load_model", "load_model_chunks",
-           "conversion_runtime"]
+__all__ = ["SPEC_NAME", "DIST_DIR", "HF_DIR", "MODEL_KINDS", "read_spec", "build_model", "build_gpt_model",
+           "load_model", "load_model_chunks", "conversion_runtime"]
 
 SPEC_NAME = "mcore_config.json"
 DIST_DIR = "dist_ckpt"
 HF_DIR = "hf"
 _ACTIVATIONS = {"silu": F.silu}
+MODEL_KINDS = ("gpt", "hybrid")
+
+
+def _check_model_kind(model: str) -> None:
+    if model not in MODEL_KINDS:
+        raise ValueError(f"model must be one of {MODEL_KINDS}; got {model!r}")
 
 
 def read_spec(mcore_dir: str) -> Dict[str, Any]:
@@ -61,19 +69,22 @@ def _layout():
     )
 
 
-def build_gpt_model(
+def build_model(
     spec: Dict[str, Any],
     params_dtype: torch.dtype,
     device: Optional[torch.device] = None,
     config_overrides: Optional[Dict[str, Any]] = None,
     vp_stage: Optional[int] = None,
+    model: str = "gpt",
 ):
-    """Megatron's GPTModel for ``spec`` at the current parallel layout, weights not initialised.
+    """Megatron's GPTModel (``model="hybrid"``: HybridModel) for ``spec`` at the current
+    parallel layout, weights not initialised.
 
     Parameters are allocated on ``device`` (CPU when None): on CPU through Megatron's
     ``use_cpu_initialization``, on CUDA on the current device as Megatron usually does.
     ``vp_stage``: the virtual pipeline chunk to build when a virtual pipeline is set.
     """
+    _check_model_kind(model)
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
@@ -123,18 +134,58 @@ def build_gpt_model(
             normalization="RMSNorm",
         )
     gpt = dict(spec["gpt"])
-    model = GPTModel(
-        config,
-        layer_spec,
-        pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
-        post_process=ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
-        vp_stage=vp_stage,
-        **gpt,
-    )
-    restore_tensor_parallel_attributes(model)
+    stages = dict(pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+                  post_process=ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+                  vp_stage=vp_stage)
+    if model == "hybrid":
+        built = _build_hybrid(config, fields, gpt, stages, vpp)
+    else:
+        built = GPTModel(config, layer_spec, **stages, **gpt)
+    restore_tensor_parallel_attributes(built)
     if not on_cpu:
-        model.to(device)
-    return model
+        built.to(device)
+    return built
+
+
+build_gpt_model = build_model  # the original name
+
+
+def _build_hybrid(config, fields, gpt, stages, vpp):
+    """HybridModel of the same base: one "*-" ("*E" for MoE) pair per GPT layer, the same
+    local layer specs, a "|" between pipeline (and virtual pipeline) stages."""
+    import dataclasses as dc
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_mole.runtime import compat, hybrid
+
+    reason = compat.hybrid_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"model='hybrid': {reason}")
+    if gpt.pop("rope_scaling", False):
+        raise CheckpointError("model='hybrid': Megatron's HybridModel has no llama3 rope scaling "
+                              "(rope_scaling); load this base as model='gpt'")
+    gpt.pop("rope_scaling_factor", None)
+    num_layers = fields["num_layers"]
+    freq = fields.get("moe_layer_freq")
+    if not fields.get("num_moe_experts"):
+        moe = [False] * num_layers
+    elif isinstance(freq, list):
+        moe = [bool(f) for f in freq]
+    else:
+        moe = [i % int(freq or 1) == 0 for i in range(num_layers)]
+    segments = ps.get_pipeline_model_parallel_world_size() * (vpp if vpp and vpp > 1 else 1)
+    pattern = hybrid.gpt_pattern(num_layers, moe, segments)
+    # The hybrid stack counts attention and MLP layers separately; the MoE layer mask of the
+    # GPT config does not apply to it (the pattern says which layers are MoE).
+    config = dc.replace(config, num_layers=2 * num_layers, moe_layer_freq=1)
+    dense_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    moe_spec = None
+    if any(moe):
+        moe_spec = get_gpt_layer_local_spec(num_experts=fields["num_moe_experts"], normalization="RMSNorm",
+                                            moe_grouped_gemm=bool(fields.get("moe_grouped_gemm", False)))
+    return compat.build_hybrid_model(config, dense_spec, pattern, moe_layer_spec=moe_spec, **stages, **gpt)
 
 
 def restore_tensor_parallel_attributes(model) -> int:
@@ -192,10 +243,29 @@ def _dist_load(sharded: Dict[str, Any], ckpt_dir: str) -> Dict[str, Any]:
         raise CheckpointError(f"cannot load the distributed checkpoint {ckpt_dir}: {err}") from err
 
 
+def _checkpoint_keys(ckpt_dir: str):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return set(FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata)
+    except Exception as err:
+        raise CheckpointError(f"cannot read the distributed checkpoint {ckpt_dir}: {err}") from err
+
+
+def _sharded_state_dict(chunk, ckpt_dir: str):
+    """The chunk's sharded state dict in the checkpoint's (GPTModel) keys."""
+    from megatron_mole.runtime import hybrid
+
+    if hybrid.is_hybrid_stack(getattr(chunk, "decoder", None)):
+        return hybrid.gpt_keyed_sharded_state_dict(chunk, _checkpoint_keys(ckpt_dir))
+    return chunk.sharded_state_dict()
+
+
 def _load_into(chunks, ckpt_dir: str):
     """Load model chunks (one, or one per virtual pipeline stage) in one collective call."""
     # Sharded keys carry global layer offsets, so all chunks load together.
-    state = _dist_load({f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}, ckpt_dir)
+    state = _dist_load({f"model{i}": _sharded_state_dict(chunk, ckpt_dir) for i, chunk in enumerate(chunks)},
+                       ckpt_dir)
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(state[f"model{i}"], strict=True)
 
@@ -276,8 +346,12 @@ def load_model_chunks(
     params_dtype: Optional[torch.dtype] = None,
     config_overrides: Optional[Dict[str, Any]] = None,
     device: Optional[torch.device] = None,
+    model: str = "gpt",
 ) -> List[Any]:
-    """The GPTModel chunks of this rank: one per virtual pipeline stage (one without VPP).
+    """The model chunks of this rank: one per virtual pipeline stage (one without VPP).
+
+    ``model``: "gpt" (Megatron's GPTModel) or "hybrid" (its HybridModel, megatron-core
+    >= 0.19; same weights, adapters named alike: see :mod:`megatron_mole.runtime.hybrid`).
 
     Call under :func:`megatron_mole.init_distributed`. ``params_dtype`` builds the model
     in another dtype than the checkpoint's (e.g. ``torch.float32`` to verify a bf16 one);
@@ -290,13 +364,14 @@ def load_model_chunks(
 
     from megatron_mole import runtime
 
+    _check_model_kind(model)
     spec = read_spec(mcore_dir)
     if device is None:
         device = runtime.get_device()
     dtype = params_dtype or dtype_from_name(spec["params_dtype"])
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     stages = [None] if vpp is None or vpp == 1 else list(range(vpp))
-    chunks = [build_gpt_model(spec, dtype, device, config_overrides, vp_stage=stage) for stage in stages]
+    chunks = [build_model(spec, dtype, device, config_overrides, vp_stage=stage, model=model) for stage in stages]
     _load_into(chunks, os.path.join(mcore_dir, DIST_DIR))
     return chunks
 
@@ -306,13 +381,15 @@ def load_model(
     params_dtype: Optional[torch.dtype] = None,
     config_overrides: Optional[Dict[str, Any]] = None,
     device: Optional[torch.device] = None,
+    model: str = "gpt",
 ):
-    """Build the GPTModel of a converted checkpoint at the current layout and load it.
+    """Build the GPTModel (``model="hybrid"``: HybridModel) of a converted checkpoint at the
+    current layout and load it.
 
     Arguments as :func:`load_model_chunks`; with a virtual pipeline use that function
     (this rank then holds several chunks).
     """
-    chunks = load_model_chunks(mcore_dir, params_dtype, config_overrides, device)
+    chunks = load_model_chunks(mcore_dir, params_dtype, config_overrides, device, model=model)
     if len(chunks) != 1:
         raise ValueError(f"a virtual pipeline of {len(chunks)} stages is set: use load_model_chunks()")
     return chunks[0]

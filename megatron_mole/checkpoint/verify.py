@@ -156,11 +156,16 @@ def _megatron_hidden_hooks(chunks, store):
     """Record each Megatron decoder layer's output [B, S, H] (gathered over sequence parallelism)."""
     from megatron.core import parallel_state as ps
 
+    from megatron_mole.runtime.hybrid import canonical_layer_index, is_hybrid_stack
+
     handles = []
     for chunk in chunks:
         sp = chunk.config.sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1
+        hybrid = is_hybrid_stack(chunk.decoder)
 
-        def hook(module, args, output, sp=sp):
+        def hook(module, args, output, sp=sp, hybrid=hybrid):
+            if hybrid and (module.layer_number - 1) % 2 == 0:
+                return  # a HybridModel's attention half: the GPT layer's output is its MLP half's
             out = output[0] if isinstance(output, tuple) else output
             if sp:  # [S/tp, B, H] per TP rank
                 import torch.distributed as dist
@@ -168,7 +173,8 @@ def _megatron_hidden_hooks(chunks, store):
                 parts = [torch.empty_like(out) for _ in range(ps.get_tensor_model_parallel_world_size())]
                 dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
                 out = torch.cat(parts, dim=0)
-            store.setdefault(module.layer_number - 1, []).append(out.detach().transpose(0, 1))
+            index = canonical_layer_index(module.layer_number, hybrid)
+            store.setdefault(index, []).append(out.detach().transpose(0, 1))
 
         for layer in chunk.decoder.layers:
             handles.append(layer.register_forward_hook(hook))
@@ -200,14 +206,16 @@ def resolve_dtype(dtype, device, adapter=None) -> torch.dtype:
 def compare_logits(
     hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1, ep: int = 1, vpp=None,
     seed: int = 1234, batch: int = 2, seq: int = 16, device="auto", adapter: str = None, hf_device="cpu",
-    dtype="auto", tolerance=None,
+    dtype="auto", tolerance=None, model: str = "gpt",
 ) -> dict:
     """Megatron against transformers at this layout, both in ``dtype``; the same dict on every rank:
     ``max_abs``, ``scale`` (max |reference logit|), ``max_rel`` (max_abs / scale), ``dtype``,
     ``tolerance``, ``ok`` and, when not ok, ``layers`` (per decoder layer: max |difference| of
     its output relative to that output's scale) and ``first_diverging_layer`` (or None).
     ``adapter``: an exported adapter directory loaded on both sides. ``hf_device``: where the one
-    reference rank runs transformers and compares ("cpu", or "rank" for this rank's device)."""
+    reference rank runs transformers and compares ("cpu", or "rank" for this rank's device).
+    ``model``: the Megatron side's model, "gpt" (GPTModel) or "hybrid" (HybridModel of the same
+    checkpoint)."""
     import torch.distributed as dist
 
     from megatron_mole.checkpoint.hf_io import dtype_from_name
@@ -220,7 +228,7 @@ def compare_logits(
     vocab = spec["shapes"]["hf_vocab_size"]
     generator = torch.Generator().manual_seed(seed)
     tokens_BS = torch.randint(0, vocab, (batch, seq), generator=generator).to(info.device)
-    chunks = load_model_chunks(mcore_dir, params_dtype=compute)
+    chunks = load_model_chunks(mcore_dir, params_dtype=compute, model=model)
     if adapter is not None:
         _apply_adapter(chunks, adapter)
     ours_hidden, hf_hidden = {}, {}
@@ -276,11 +284,11 @@ def _layer_differences(ours_hidden, hf_hidden) -> dict:
 def max_logits_difference(
     hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1, ep: int = 1, vpp=None,
     seed: int = 1234, batch: int = 2, seq: int = 16, device="auto", adapter: str = None, hf_device="cpu",
-    dtype="auto",
+    dtype="auto", model: str = "gpt",
 ) -> float:
     """Max |Megatron - transformers| logits at this layout (:func:`compare_logits`'s ``max_abs``)."""
     return compare_logits(hf_dir, mcore_dir, tp, pp, ep, vpp, seed, batch, seq, device, adapter, hf_device,
-                          dtype)["max_abs"]
+                          dtype, model=model)["max_abs"]
 
 
 def _apply_adapter(chunks, adapter_dir: str) -> None:
@@ -310,6 +318,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tolerance", type=float, default=None, help="max |difference| relative to max |logit| "
                         "(default 1e-10 in float64, 1e-4 in float32)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--model", default="gpt", choices=("gpt", "hybrid"),
+                        help="Megatron model to build: GPTModel or HybridModel (megatron-core >= 0.19)")
     parser.add_argument("--hf-device", default="cpu", help="where the one reference rank runs transformers: "
                         "cpu (default) or rank (that rank's device; faster when the whole model fits it)")
 
@@ -317,7 +327,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     result = compare_logits(args.hf, args.mcore, args.tp, args.pp, args.ep, args.vpp, seed=args.seed,
                             batch=args.batch, seq=args.seq, device=args.device, adapter=args.adapter,
-                            hf_device=args.hf_device, dtype=args.dtype, tolerance=args.tolerance)
+                            hf_device=args.hf_device, dtype=args.dtype, tolerance=args.tolerance,
+                            model=args.model)
     from megatron_mole import runtime
 
     if runtime.get_runtime().rank == 0:

@@ -3,9 +3,10 @@
 ``init_distributed`` is the one entry point: it reads the torchrun environment
 (or runs as a single process without one), starts ``torch.distributed`` (nccl on
 GPUs, gloo on CPU), initialises Megatron-core's ``parallel_state`` and its RNG
-tracker, and on CPU applies the CPU runtime (:mod:`megatron_mole.runtime.cpu`).
-A CUDA run applies no patch. Bad sizes or devices raise ``errors.ConfigError``
-(a ``ValueError``) naming the values.
+tracker, and applies the runtime patches the device needs
+(:mod:`megatron_mole.runtime.cpu`): all of them on CPU; on CUDA only those needed
+where Transformer Engine is absent (none when it is installed). Bad sizes or devices
+raise ``errors.ConfigError`` (a ``ValueError``) naming the values.
 
 ``set_model_parallel`` switches the TP/PP/EP layout inside running processes
 (tests compare many layouts in one launch; process start-up costs seconds); it
@@ -52,7 +53,7 @@ class RuntimeInfo:
     etp: int
     vpp: Optional[int]
     seed: int
-    cpu_patches: tuple = ()
+    patches: tuple = ()  # names of the runtime patches applied (runtime/cpu.py PATCHES)
 
     @property
     def dp(self) -> int:
@@ -180,9 +181,8 @@ def init_distributed(
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     _check_layout(world_size, tp, pp, ep, etp)
 
-    patches = ()
+    patches = tuple(cpu_runtime.apply_runtime(resolved.type))
     if resolved.type == "cpu":
-        patches = tuple(cpu_runtime.apply_cpu_runtime())
         backend = "gloo"
     else:
         torch.cuda.set_device(resolved)
@@ -220,7 +220,7 @@ def init_distributed(
         etp=etp,
         vpp=vpp,
         seed=seed,
-        cpu_patches=patches,
+        patches=patches,
     )
     return _RUNTIME
 
@@ -314,7 +314,7 @@ def get_device() -> torch.device:
 
 
 def shutdown() -> None:
-    """Destroy Megatron's groups and the process group; undo the CPU runtime."""
+    """Destroy Megatron's groups and the process group; undo the runtime patches."""
     global _RUNTIME
     if _RUNTIME is None:
         return

@@ -1,12 +1,19 @@
-"""Running unmodified Megatron-core on CPU (gloo), and nothing else.
+"""Running unmodified Megatron-core on CPU (gloo), and without Transformer Engine.
 
 Megatron-core assumes CUDA in many places (DESIGN.md §4 lists what was measured).
-This module maps those places to the CPU so that Megatron's own ``GPTModel``,
-its pipeline schedules, DDP and optimizers run forward and backward on a CPU
-box. It is applied by :func:`megatron_mole.runtime.init_distributed` only when
-the run's device is the CPU; a CUDA run patches nothing. Every patch is one
-entry of :data:`PATCHES`, with the reason it exists; :func:`applied_patches`
-tells which are active.
+This module maps those places to the CPU so that Megatron's own ``GPTModel`` /
+``HybridModel``, its pipeline schedules, DDP and optimizers run forward and
+backward on a CPU box. Every patch is one entry of :data:`PATCHES`, with the
+reason it exists, its scope and the Megatron-core versions it was checked on;
+:func:`applied_patches` tells which are active.
+
+Scopes (:func:`megatron_mole.runtime.init_distributed` applies them):
+
+* ``"cpu"``: only when the run's device is the CPU (device mapping, streams, RNG).
+* ``"no-te"``: wherever Transformer Engine is absent, CPU *and* CUDA: Megatron's
+  local layer spec picks ``WrappedTorchNorm`` on any device, and it refuses
+  sequence parallelism; ``moe_utils.te_general_gemm`` is undefined without TE.
+  A CUDA run with TE patches nothing.
 
 Two kinds of patch:
 
@@ -19,7 +26,8 @@ Two kinds of patch:
 * attribute swaps on ``torch.cuda`` and Megatron modules (streams, events,
   ``current_device``, the RNG tracker, the torch norm).
 
-Checked against megatron-core 0.16.0–0.16.1; other versions warn once.
+Each patch carries the megatron-core range it was checked on (``Patch.tested``);
+applying one outside its range warns once, naming the patch.
 """
 from __future__ import annotations
 
@@ -31,7 +39,11 @@ from typing import Callable, List
 import torch
 from torch.overrides import TorchFunctionMode
 
-TESTED_MEGATRON_VERSIONS = ("0.16.0", "0.16.1")
+from megatron_mole.runtime import compat
+
+# Every patch was checked on these ends, inclusive; the whole suite ran on 0.16.1 and 0.19.2
+# (README "Supported Megatron-core versions").
+_TESTED_RANGE = ("0.16.0", "0.19.2")
 
 _CPU = torch.device("cpu")
 
@@ -108,11 +120,19 @@ class _NoOpStream:
         return 0.0
 
 
+CPU = "cpu"
+NO_TE = "no-te"
+
+
 @dataclasses.dataclass
 class Patch:
     name: str
     reason: str
     apply: Callable[[], Callable[[], None]]  # returns its undo
+    scope: str = CPU  # CPU: CPU runs only; NO_TE: any device without Transformer Engine
+    # megatron-core versions it was checked on (inclusive): skipped before ``lo`` (what it
+    # patches does not exist there), applied with a warning after ``hi``.
+    tested: tuple = _TESTED_RANGE
 
 
 def _swap(obj, attr, value):
@@ -248,6 +268,18 @@ def _patch_te_general_gemm():
     return _swap(moe_utils, "te_general_gemm", None)
 
 
+def _patch_hybrid_final_norm():
+    try:
+        from megatron.core.models.hybrid import hybrid_block
+    except ImportError:  # < 0.19: no HybridModel
+        return lambda: None
+    from megatron.core.transformer import torch_norm
+
+    # HybridStack builds its final norm as TENorm, which raises without TE; the torch
+    # norm computes the same RMSNorm/LayerNorm that GPTModel's local spec uses.
+    return _swap(hybrid_block, "TENorm", torch_norm.WrappedTorchNorm)
+
+
 PATCHES: List[Patch] = [
     Patch(
         "cuda-device-mode",
@@ -270,46 +302,72 @@ PATCHES: List[Patch] = [
     ),
     Patch(
         "torch-norm-sequence-parallel",
-        "WrappedTorchNorm refuses sequence_parallel=True; build it and mark its params "
-        "sequence_parallel so finalize_model_grads all-reduces their grads over TP",
+        "WrappedTorchNorm (the local spec's norm without TE, on any device) refuses "
+        "sequence_parallel=True; build it and mark its params sequence_parallel so "
+        "finalize_model_grads all-reduces their grads over TP",
         _patch_torch_norm,
+        scope=NO_TE,
     ),
     Patch(
         "moe-te-general-gemm",
-        "moe_utils.te_general_gemm is undefined without Transformer Engine; the router "
-        "checks it against None",
+        "moe_utils.te_general_gemm is undefined without Transformer Engine (NameError in "
+        "the MoE router on any device); the router checks it against None",
         _patch_te_general_gemm,
+        scope=NO_TE,
+    ),
+    Patch(
+        "hybrid-final-norm",
+        "HybridStack (>= 0.19) builds its final norm as TENorm, which raises without "
+        "Transformer Engine; build Megatron's torch norm instead (no HybridModel before 0.19)",
+        _patch_hybrid_final_norm,
+        scope=NO_TE,
+        tested=("0.19.0", "0.19.2"),
     ),
 ]
 
 _UNDO: List[Callable[[], None]] = []
 _APPLIED: List[str] = []
-_WARNED = False
+_WARNED = set()
 
 
-def _check_version():
-    global _WARNED
-    from megatron.core import package_info
-
-    version = package_info.__version__
-    if version not in TESTED_MEGATRON_VERSIONS and not _WARNED:
-        _WARNED = True
+def in_version_range(patch: Patch, warn: bool = True) -> bool:
+    """Whether ``patch`` applies to the installed megatron-core: not before its tested
+    range (the code it patches is newer); past the range it applies and warns once."""
+    lo, hi = patch.tested
+    version = compat.version_tuple()
+    if version[:len(compat.version_tuple(lo))] < compat.version_tuple(lo):
+        return False
+    if version > compat.version_tuple(hi) and warn and patch.name not in _WARNED:
+        _WARNED.add(patch.name)
         warnings.warn(
-            f"megatron_mole's CPU runtime was checked against megatron-core "
-            f"{', '.join(TESTED_MEGATRON_VERSIONS)}; found {version}. It may need new patches.",
-            stacklevel=3,
+            f"megatron_mole's runtime patch {patch.name!r} was checked against megatron-core "
+            f"{lo} to {hi}; found {compat.megatron_version()}. It may need changes.",
+            stacklevel=4,
         )
+    return True
 
 
-def apply_cpu_runtime() -> List[str]:
-    """Applies every patch in :data:`PATCHES` (idempotent); returns their names."""
+def patches_for(device_type: str, have_te: bool) -> List[Patch]:
+    """The patches a run on ``device_type`` needs with the installed megatron-core: on CPU
+    all of them; elsewhere the NO_TE ones when Transformer Engine is absent, else none."""
+    wanted = [p for p in PATCHES if device_type == "cpu" or (p.scope == NO_TE and not have_te)]
+    return [p for p in wanted if in_version_range(p, warn=False)]
+
+
+def apply_runtime(device_type: str = "cpu") -> List[str]:
+    """Applies the patches a ``device_type`` run needs (idempotent); returns their names."""
     if _APPLIED:
         return list(_APPLIED)
-    _check_version()
-    for patch in PATCHES:
+    for patch in patches_for(device_type, compat.have_transformer_engine()):
+        in_version_range(patch)
         _UNDO.append(patch.apply())
         _APPLIED.append(patch.name)
     return list(_APPLIED)
+
+
+def apply_cpu_runtime() -> List[str]:
+    """Applies every patch in :data:`PATCHES` (a CPU run)."""
+    return apply_runtime("cpu")
 
 
 def remove_cpu_runtime() -> None:

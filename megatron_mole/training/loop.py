@@ -170,7 +170,8 @@ class Trainer:
 
         # One chunk per virtual pipeline stage (one without VPP); every list below follows them.
         chunks = load_model_chunks(cfg.base.checkpoint, params_dtype=self.dtype,
-                                   config_overrides=_base_overrides(cfg), device=self.device)
+                                   config_overrides=_base_overrides(cfg), device=self.device,
+                                   model=cfg.base.model)
         self.mole_config = mm.MoLEConfig(**cfg.mole)
         for chunk in chunks:
             mm.apply_mole(chunk, self.mole_config)

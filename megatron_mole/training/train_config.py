@@ -2,7 +2,8 @@
 
 Example (every section but ``base`` and ``data`` is optional; defaults below)::
 
-    base: {checkpoint: work/mcore, tokenizer: work/hf}     # tokenizer default: the checkpoint dir
+    base: {checkpoint: work/mcore, tokenizer: work/hf,     # tokenizer default: the checkpoint dir
+           model: gpt}                                     # gpt | hybrid (HybridModel, megatron-core >= 0.19)
     parallel: {tp: 1, pp: 1, ep: 2, vpp: null, sequence_parallel: false,
                micro_batch: 1, global_batch: 8}
     mole: {num_experts: 4, rank: 8, alpha: 16, top_k: 1}   # MoLEConfig keyword arguments, passed through
@@ -62,9 +63,13 @@ def _require(condition: bool, key: str, message: str):
 class BaseConfig:
     checkpoint: str  # Megatron-core checkpoint directory (megatron-mole convert hf-to-mcore)
     tokenizer: str | None = None  # Hugging Face tokenizer directory; None: the checkpoint directory
+    # Megatron model built from the checkpoint: "gpt" (GPTModel) or "hybrid" (HybridModel of the
+    # same weights, megatron-core >= 0.19); adapters are named alike (README "HybridModel").
+    model: str = "gpt"
 
     def __post_init__(self):
         _require(bool(self.checkpoint), "checkpoint", "must name the converted base checkpoint directory")
+        _require(self.model in ("gpt", "hybrid"), "model", f"must be 'gpt' or 'hybrid', got {self.model!r}")
 
     @property
     def tokenizer_dir(self) -> str:
