@@ -30,8 +30,7 @@ Legend: T tokens, E = N experts.
 import torch
 
 from megatron_mole.routing.base import Router, Routing, register_router
-from megatron_mole.routing.losses import z_loss
-from megatron_mole.routing.topk import _masked_mean, add_standard_aux_losses
+from megatron_mole.routing.topk import _masked_mean, add_routing_stats, add_z_loss
 
 
 def _number(lo, hi, lo_open=False, hi_open=False):
@@ -82,22 +81,14 @@ class DynMoLERouter(Router):
             lb = dynmole_balance_loss(probs_TE, order_TE, sorted_TE, valid_TE, mask_T, self, ctx)
             routing.stats["load_balance"] = lb.detach()
             routing.aux_losses["load_balance"] = cfg.aux_loss_coeff * lb
-        if cfg.z_loss_coeff > 0:
-            z = z_loss(logits_TE, mask_T)
-            routing.stats["z_loss"] = z.detach()
-            routing.aux_losses["z_loss"] = cfg.z_loss_coeff * z
+        add_z_loss(routing, cfg)
         mean_entropy = _masked_mean(entropy_T, mask_T)
         if self.arg("entropy_loss_coeff") > 0:
             routing.aux_losses["tsallis_entropy"] = self.arg("entropy_loss_coeff") * mean_entropy
         routing.stats["tsallis_entropy"] = mean_entropy.detach()
         routing.stats["dense_fraction"] = _masked_mean(dense_T.float(), mask_T)
-        add_standard_aux_losses(routing, _StatsOnly)
+        add_routing_stats(routing)
         return routing
-
-
-class _StatsOnly:
-    """A config with no loss coefficients: add_standard_aux_losses then adds statistics only."""
-    aux_loss_coeff = z_loss_coeff = 0.0
 
 
 def dynmole_balance_loss(probs_TE, order_TE, sorted_TE, valid_TE, mask_T=None, router=None, ctx=None):

@@ -18,16 +18,11 @@ import torch
 
 from megatron_mole.routing.base import Router, RouterTensor, Routing, register_router
 from megatron_mole.routing.losses import z_loss
-from megatron_mole.routing.topk import add_standard_aux_losses
+from megatron_mole.routing.topk import add_balance_loss, add_routing_stats
 
 
 def _positive_int(v):
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
-class _BalanceOnly:
-    def __init__(self, cfg):
-        self.aux_loss_coeff, self.z_loss_coeff = cfg.aux_loss_coeff, 0.0
 
 
 @register_router("mor")
@@ -51,7 +46,8 @@ class MixtureOfRouters(Router):
         mask_T = None if ctx is None else ctx.mask_T
         # logits_TE: the sub-routers' mean (for logging; the z-loss uses each router's own)
         routing = Routing(idx_TK, gates_TK, probs_TE, sub_TJE.mean(1), mask_T=mask_T)
-        add_standard_aux_losses(routing, _BalanceOnly(self.cfg), self, ctx)
+        add_balance_loss(routing, self.cfg, self, ctx)
+        add_routing_stats(routing)
         if self.cfg.z_loss_coeff > 0:
             parts = [z_loss(sub_TJE[:, i], mask_T) for i in range(j)] + [z_loss(main_TJ, mask_T)]
             z = torch.stack(parts).mean()

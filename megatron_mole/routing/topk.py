@@ -62,24 +62,40 @@ def _masked_mean(values_T, mask_T):
 def add_standard_aux_losses(routing: Routing, cfg, router=None, ctx=None) -> None:
     """Add the balance and z losses (when their coefficients are non-zero) to
     ``routing.aux_losses`` (scaled) and ``stats`` (unscaled), and the statistics
-    every router reports (``entropy``: mean routing entropy in nats,
-    ``experts_per_token``); other routers reuse this. Unused slots
-    (``valid_TK`` False) and padding are left out. With ``router``, the balance
-    loss's expert fractions come from ``router.balance_fractions`` (its
-    ``MoLEConfig.balance`` scope)."""
-    if cfg.aux_loss_coeff > 0:
-        f_E = None
-        if router is not None:
-            counts_E, used = assignment_counts(routing.expert_idx_TK, routing.probs_TE.shape[1], routing.mask_T,
-                                               routing.valid_TK)
-            f_E = router.balance_fractions(counts_E, used, ctx is not None and ctx.training)
-        lb = load_balancing_loss(routing.probs_TE, routing.expert_idx_TK, routing.mask_T, routing.valid_TK, f_E)
-        routing.stats["load_balance"] = lb.detach()
-        routing.aux_losses["load_balance"] = cfg.aux_loss_coeff * lb
-    if cfg.z_loss_coeff > 0:
-        z = z_loss(routing.logits_TE, routing.mask_T)
-        routing.stats["z_loss"] = z.detach()
-        routing.aux_losses["z_loss"] = cfg.z_loss_coeff * z
+    every router reports; other routers reuse this or its parts. Unused slots
+    (``valid_TK`` False) and padding are left out."""
+    add_balance_loss(routing, cfg, router, ctx)
+    add_z_loss(routing, cfg)
+    add_routing_stats(routing)
+
+
+def add_balance_loss(routing: Routing, cfg, router=None, ctx=None) -> None:
+    """Switch/Mixtral balance loss; with ``router``, its expert fractions come from
+    ``router.balance_fractions`` (its ``MoLEConfig.balance`` scope)."""
+    if cfg.aux_loss_coeff <= 0:
+        return
+    f_E = None
+    if router is not None:
+        counts_E, used = assignment_counts(routing.expert_idx_TK, routing.probs_TE.shape[1], routing.mask_T,
+                                           routing.valid_TK)
+        f_E = router.balance_fractions(counts_E, used, ctx is not None and ctx.training)
+    lb = load_balancing_loss(routing.probs_TE, routing.expert_idx_TK, routing.mask_T, routing.valid_TK, f_E)
+    routing.stats["load_balance"] = lb.detach()
+    routing.aux_losses["load_balance"] = cfg.aux_loss_coeff * lb
+
+
+def add_z_loss(routing: Routing, cfg) -> None:
+    """ST-MoE z-loss on the routing's logits."""
+    if cfg.z_loss_coeff <= 0:
+        return
+    z = z_loss(routing.logits_TE, routing.mask_T)
+    routing.stats["z_loss"] = z.detach()
+    routing.aux_losses["z_loss"] = cfg.z_loss_coeff * z
+
+
+def add_routing_stats(routing: Routing) -> None:
+    """What every router reports: ``entropy`` (mean routing entropy in nats) and
+    ``experts_per_token``."""
     with torch.no_grad():
         probs = routing.probs_TE
         routing.stats["entropy"] = _masked_mean(-(probs * probs.clamp(min=1e-30).log()).sum(-1), routing.mask_T)
