@@ -40,6 +40,7 @@ SUBCOMMANDS = {
     "preprocess": ("megatron_mole.training.preprocess", "tokenise instruction data once into an indexed dataset"),
     "train": ("megatron_mole.training.cli", "fine-tune MoLE adapters (run under torchrun)"),
     "quickstart": ("megatron_mole.training.quickstart", "tiny end-to-end run on CPU: build, convert, train, export"),
+    "analyze": ("megatron_mole.training.analyze", "which experts each domain uses (stats, plots); Router Lens selection"),
     "bench": ("tools.bench", "benchmarks: layer cost, dispatch cost"),
     "memory": ("megatron_mole.training.memory", "expected memory per GPU of a training config"),
 }

@@ -110,6 +110,12 @@ def _global_paths(model: nn.Module) -> Dict[str, str]:
     return out
 
 
+def global_module_paths(model: nn.Module) -> Dict[str, str]:
+    """``{local module path: global path}`` (global layer indices, no wrapper ``module.``
+    prefixes): the names adapters and analysis reports use."""
+    return _global_paths(model)
+
+
 def _layer_index(global_path: str) -> Optional[int]:
     m = re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", global_path)
     return int(m.group(1)) if m else None
