@@ -20,6 +20,7 @@ setup(
         "pyyaml",
         "tqdm",
         "numpy",
+        "matplotlib",  # megatron-mole analyze plots
     ],
     extras_require={
         "test": ["pytest", "peft", "datasets"],

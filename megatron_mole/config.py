@@ -29,9 +29,9 @@ from megatron_mole.errors import ConfigError
 EXPERT_SCOPES = ("mlp", "linear")
 LORA_B_INITS = ("zeros", "random")
 BALANCE_SCOPES = ("global", "micro_batch")
-# Method names MoLEConfig accepts: the built-in one, plus every name registered with
+# Method names MoLEConfig accepts: the built-in ones, plus every name registered with
 # megatron_mole.layers.register_method (which adds it here; the classes live in layers/)
-METHOD_NAMES = {"mole"}
+METHOD_NAMES = {"mole", "ceft"}  # built in: layers/methods.py
 DISPATCH_MODES = ("auto", "local", "alltoall", "replicated")
 
 

@@ -106,8 +106,28 @@ def _global_paths(model: nn.Module) -> Dict[str, str]:
                 break
         while g.startswith("module."):
             g = g[len("module."):]
-        out[path] = g
+        out[path] = _global_expert_id(g, path, modules)
     return out
+
+
+_LOCAL_EXPERT = re.compile(r"(\.experts\.local_experts\.)(\d+)(?=\.|$)")
+
+
+def _global_expert_id(global_path: str, local_path: str, modules) -> str:
+    """``...experts.local_experts.{i}`` with i the global expert id (Megatron numbers them per
+    expert-parallel rank): rank r of the EP group holds experts [r*L, (r+1)*L)."""
+    match = _LOCAL_EXPERT.search(global_path)
+    if match is None:
+        return global_path
+    local_list = local_path[:_LOCAL_EXPERT.search(local_path).start(2) - 1]
+    num_local = len(modules[local_list])
+    rank = 0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            rank = parallel_state.get_expert_model_parallel_rank()
+    return global_path[:match.start(2)] + str(rank * num_local + int(match.group(2))) + global_path[match.end(2):]
 
 
 def global_module_paths(model: nn.Module) -> Dict[str, str]:
@@ -145,7 +165,9 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
                 continue
             in_experts = ".mlp.experts." in f".{gpath}."
             in_shared = ".shared_experts." in f".{gpath}."
-            if in_experts or (in_shared and cfg.expert_scope == "mlp"):
+            if in_experts and METHODS[cfg.method].adapts_moe_experts:
+                _check_expert_layout(gpath)
+            elif in_experts or (in_shared and cfg.expert_scope == "mlp"):
                 if "." not in pattern:  # bare names skip what "mole" cannot adapt
                     continue
                 raise NotImplementedError(
@@ -195,6 +217,22 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
     install_context_hooks(model)
     model.mole_config = cfg
     return model
+
+
+def _check_expert_layout(gpath: str) -> None:
+    """Adapters inside routed experts are placed at expert-parallel and expert-TP size 1 only:
+    their tensors then live on every data-parallel rank like the other adapters (state dicts
+    gather over pipeline stages only)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return
+    ep, etp = ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size()
+    if ep > 1 or etp > 1:
+        raise NotImplementedError(f"adapting {gpath!r} inside routed MoE experts needs expert-parallel and "
+                                  f"expert-tensor-parallel size 1 (got ep={ep}, etp={etp})")
 
 
 def mark_parallel_attributes(wrapper: AdapterWrapper) -> None:
@@ -305,3 +343,54 @@ def update_global_balance(model) -> None:
                                                   router.balance_fraction.float()))
         router._balance_sum.zero_()
         router._balance_n.zero_()
+
+
+# ---------------------------------------------------------------- base MoE routers (router tuning)
+def base_routers(model) -> Dict[str, nn.Module]:
+    """{global name: module} of the Megatron-core MoE routers (``TopKRouter``) of this rank's stages."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    out = {}
+    for chunk in _chunks(model):
+        paths = _global_paths(chunk)
+        for local, module in chunk.named_modules():
+            if isinstance(module, TopKRouter):
+                out[paths[local]] = module
+    return out
+
+
+def unfreeze_base_routers(model) -> int:
+    """Freeze everything but the MoE routers' weights (trained directly); returns their count."""
+    for chunk in _chunks(model):
+        for p in chunk.parameters():
+            p.requires_grad_(False)
+    routers = base_routers(model)
+    for module in routers.values():
+        module.weight.requires_grad_(True)
+    return len(routers)
+
+
+def base_router_state_dict(model) -> Dict[str, torch.Tensor]:
+    """``{global name}.weight`` of every MoE router of every pipeline stage (CPU), on every rank
+    (the weights are replicated over TP, EP and DP)."""
+    local = {f"{name}.weight": module.weight.detach().cpu().clone() for name, module in base_routers(model).items()}
+    merged = {}
+    for part in _gather_over_pp(local):
+        merged.update(part)
+    return dict(sorted(merged.items()))
+
+
+@torch.no_grad()
+def load_base_router_state_dict(model, sd: Dict[str, torch.Tensor]) -> None:
+    """Copy tuned router weights (``base_router_state_dict``) into this rank's MoE routers; each of
+    them must be in ``sd`` with its shape."""
+    errors = []
+    for name, module in base_routers(model).items():
+        value = sd.get(f"{name}.weight")
+        if value is None or tuple(value.shape) != tuple(module.weight.shape):
+            errors.append(f"{name}.weight: {'missing' if value is None else f'shape {tuple(value.shape)}'}, "
+                          f"expected {tuple(module.weight.shape)}")
+        else:
+            module.weight.copy_(value)
+    if errors:
+        raise ValueError("load_base_router_state_dict: " + "; ".join(errors))

@@ -9,8 +9,6 @@
   transformers Llama's post-attention-norm output, and ``--select`` ranks by those counts.
 """
 import json
-import os
-import shutil
 from argparse import Namespace
 from pathlib import Path
 
@@ -24,25 +22,8 @@ LAYOUTS = {"tp2": dict(tp=2, pp=1, ep=1), "pp2": dict(tp=1, pp=2, ep=1), "ep2": 
 
 
 @pytest.fixture(scope="module")
-def bases(tiny_train_base, tmp_path_factory):
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
-
-    from megatron_mole.training.quickstart import convert
-
-    root = tmp_path_factory.mktemp("analyze")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_train_base / "hf_base")
-    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           max_position_embeddings=128, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(config)
-    with torch.no_grad():  # routers far from uniform: no near-ties between the fp32 paths
-        for layer in model.model.layers:
-            layer.mlp.gate.weight.normal_(0, 1.0)
-    model.save_pretrained(root / "hf_mixtral")
-    tokenizer.save_pretrained(root / "hf_mixtral")
-    convert(root / "hf_mixtral", root / "mixtral_mcore")
-    return root, tiny_train_base
+def bases(tiny_moe_base, tiny_train_base):
+    return tiny_moe_base, tiny_train_base
 
 
 def _args(checkpoint, data, out, layout, **extra):
@@ -157,7 +138,7 @@ def test_analyze_matches_transformers_routers(bases):
     for h in hooks:
         h.remove()
     uses, report = results["mole"]
-    assert report["adapter"] is True and report["layout"]["dp"] == 2
+    assert report["source"] == "adapter" and report["layout"]["dp"] == 2
     for layer in range(2):
         name = f"decoder.layers.{layer}.mlp.mole.router"
         assert [uses[name][d] for d in dataset.domains] == expected[layer], layer

@@ -54,7 +54,8 @@ def add_arguments(parser):
 
 
 def _source(args):
-    """(adapter state dict or None, MoLEConfig dict or None, base dir, tokenizer dir)."""
+    """(adapter state dict or None, MoLEConfig dict or None, tuned base routers or None, base dir,
+    tokenizer dir)."""
     from megatron_mole.checkpoint import ckpt_io
     from megatron_mole.checkpoint.export_cli import read_source
     from megatron_mole.checkpoint.mcore import SPEC_NAME
@@ -62,22 +63,28 @@ def _source(args):
     path = args.checkpoint
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--checkpoint {path!r} does not exist")
+    routers = None
     if os.path.isfile(os.path.join(path, SPEC_NAME)):  # a converted base: its own routers, no adapter
-        base, sd, cfg, train_cfg = path, None, None, {}
+        base, sd, cfg, shared = path, None, None, {}
     else:
         sd, cfg, base_ref = read_source(path, args.step)
         base = args.base or base_ref.get("checkpoint")
         if not base:
             raise ckpt_io.CheckpointError(f"{path} names no base checkpoint: pass --base")
-        train_cfg = _training_config(path, args.step)
+        shared = _training_shared(path, args.step)
+        routers = shared.get("base_routers")
+        if routers is not None:  # a router-tuning run (trainable: routers): no adapter
+            sd = cfg = None
+    train_cfg = shared.get("config") or {}
     tokenizer = args.tokenizer or (train_cfg.get("base") or {}).get("tokenizer")
     if not tokenizer:
         tokenizer = os.path.join(base, "hf") if os.path.isfile(os.path.join(base, "hf", "tokenizer_config.json")) \
             else base
-    return sd, cfg, base, tokenizer
+    return sd, cfg, routers, base, tokenizer
 
 
-def _training_config(path, step) -> dict:
+def _training_shared(path, step) -> dict:
+    """The shared payload of a training checkpoint ({} for a save_adapter directory)."""
     from megatron_mole.checkpoint import ckpt_io
 
     root, name = os.path.split(os.path.abspath(path))
@@ -86,9 +93,9 @@ def _training_config(path, step) -> dict:
             checkpoint = ckpt_io.load_checkpoint(root, int(name[len("step_"):]))
         else:
             checkpoint = ckpt_io.load_checkpoint(path, step)
-    except Exception:  # a save_adapter directory: no training config
+    except ckpt_io.CheckpointError:  # a save_adapter directory: no training payload
         return {}
-    return (checkpoint.shared or {}).get("config") or {}
+    return checkpoint.shared or {}
 
 
 def _batches(dataset, max_examples: int, dp_rank: int, dp: int, micro_batch: int):
@@ -123,7 +130,7 @@ def analyze(args) -> dict:
     for name in ("max_examples", "seq_length", "micro_batch", "tp", "pp", "ep"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    sd, cfg, base, tokenizer_dir = _source(args)
+    sd, cfg, tuned_routers, base, tokenizer_dir = _source(args)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     dataset = InstructionDataset.from_jsonl(args.data, tokenizer, args.seq_length)
 
@@ -139,6 +146,10 @@ def analyze(args) -> dict:
         for chunk in chunks:
             mm.apply_mole(chunk, mole_cfg)
         mm.load_adapter_state_dict(chunks, sd)
+    if tuned_routers is not None:
+        from megatron_mole.model import load_base_router_state_dict
+
+        load_base_router_state_dict(chunks, tuned_routers)
     for chunk in chunks:
         chunk.eval()
     recorder = RoutingRecorder(chunks, len(dataset.domains), ps.get_tensor_model_parallel_rank(),
@@ -169,7 +180,8 @@ def analyze(args) -> dict:
     seconds = time.perf_counter() - start
     if info.rank != 0:
         return {}
-    return write_report(args, sums, kinds, dataset, base, adapter=cfg is not None, seconds=seconds,
+    source = "tuned routers" if tuned_routers is not None else "adapter" if cfg is not None else "base"
+    return write_report(args, sums, kinds, dataset, base, source=source, seconds=seconds,
                         layout={"tp": args.tp, "pp": args.pp, "ep": args.ep, "dp": dp})
 
 
@@ -192,7 +204,7 @@ def _layer(name: str):
     return int(match.group(1)) if match else None
 
 
-def write_report(args, sums: dict, kinds: dict, dataset, base, adapter: bool, seconds: float, layout: dict) -> dict:
+def write_report(args, sums: dict, kinds: dict, dataset, base, source: str, seconds: float, layout: dict) -> dict:
     from megatron_mole.analysis.plots import plot_entropy, plot_expert_load
     from megatron_mole.analysis.stats import select_experts, summarize
 
@@ -203,13 +215,13 @@ def write_report(args, sums: dict, kinds: dict, dataset, base, adapter: bool, se
     for name in order:
         routers[name] = {"kind": kinds[name], "layer": _layer(name), **summarize(sums[name], dataset.domains)}
     examples = {d: min(len(g), args.max_examples) for d, g in zip(dataset.domains, dataset.examples)}
-    report = {"checkpoint": os.path.abspath(args.checkpoint), "base": os.path.abspath(base), "adapter": adapter,
+    report = {"checkpoint": os.path.abspath(args.checkpoint), "base": os.path.abspath(base), "source": source,
               "data": [os.path.abspath(p) for p in args.data], "domains": list(dataset.domains),
               "examples": examples, "tokens_counted": "every non-padding token (prompt and response)",
               "layout": layout, "seconds": round(seconds, 2), "routers": routers}
     with open(out / "expert_usage.json", "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=1)
-    title = f"{os.path.join(*Path(os.path.abspath(args.checkpoint)).parts[-2:])}: {'adapter routers' if adapter else 'base routers'}"
+    title = f"{os.path.join(*Path(os.path.abspath(args.checkpoint)).parts[-2:])}: {source}"
     plot_expert_load(routers, out / "expert_load.png", title)
     plot_entropy(routers, out / "routing_entropy.png", title)
     if args.select is not None:

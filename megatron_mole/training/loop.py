@@ -66,7 +66,7 @@ from megatron_mole.model import update_global_balance
 from megatron_mole.training.logging import RouterLoadMonitor, StepLogger, gather_router_stats, recent_records, \
     weighted_aux_loss
 from megatron_mole.training.sampler import GlobalBatchLoader
-from megatron_mole.training.train_config import TrainConfig, config_to_dict
+from megatron_mole.training.train_config import ConfigError, TrainConfig, config_to_dict
 
 
 @dataclass
@@ -172,9 +172,19 @@ class Trainer:
         chunks = load_model_chunks(cfg.base.checkpoint, params_dtype=self.dtype,
                                    config_overrides=_base_overrides(cfg), device=self.device,
                                    model=cfg.base.model)
-        self.mole_config = mm.MoLEConfig(**cfg.mole)
-        for chunk in chunks:
-            mm.apply_mole(chunk, self.mole_config)
+        self.mole_config = mm.MoLEConfig(**cfg.effective_mole())
+        self.tune_routers = cfg.trainable == "routers"
+        if self.tune_routers:  # Router Lens's router tuning: the base's own routers, no adapter
+            from megatron_mole.model import unfreeze_base_routers
+
+            if cfg.checkpoint.load_dir is not None:
+                raise ConfigError("trainable", "router tuning runs are short and not resumable; "
+                                  "remove checkpoint.load_dir")
+            if unfreeze_base_routers(chunks) == 0:
+                raise ConfigError("trainable", f"'routers' needs an MoE base; {cfg.base.checkpoint} has no MoE router")
+        else:
+            for chunk in chunks:
+                mm.apply_mole(chunk, self.mole_config)
         # The adapters enter the model before the optimizer copies them (its fp32 main params under
         # bf16): loaded later, the optimizer's first step would write its stale copies back.
         self.checkpoint = self._read_checkpoint()
@@ -264,6 +274,13 @@ class Trainer:
             sampler_state=self.loader.state_dict(), base=self.base_ref, layout=self.layout,
             config=config_to_dict(self.cfg))
         shared["mole_config"] = self.mole_config.to_dict()
+        if self.tune_routers:  # the tuned router weights; no optimizer state (not resumable)
+            from megatron_mole.model import base_router_state_dict
+
+            shared["base_routers"] = base_router_state_dict(self.model)
+            return ckpt_io.save_checkpoint(ck.save_dir, self.step, rank_payload, shared_payload=shared, rank=self.rank,
+                                           world_size=self.info.world_size, barrier=dist.barrier if dist.is_initialized()
+                                           else None, keep_last=ck.keep_last)
         shared["optimizer"] = {"format": "megatron dist_checkpointing torch_dist, " + optim_state.METADATA[
             "distrib_optim_sharding_type"], "adam_step": optim_state.adam_step(self.optimizer)}
         barrier = dist.barrier if dist.is_initialized() else None

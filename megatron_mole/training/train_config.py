@@ -16,6 +16,8 @@ Example (every section but ``base`` and ``data`` is optional; defaults below)::
     checkpoint: {save_dir: ckpt, interval: 50, keep_last: 2, load_dir: null, load_step: null}
     seed: 1234
     precision: auto                                         # auto: fp32 on CPU, bf16 on GPU
+    trainable: adapters                                     # or routers: only an MoE base's routers
+    trainable_experts: null                                 # CEFT: analyze's selection.json
 
 Every key is checked: an unknown key anywhere (except inside the free-form
 ``data.domain_weights`` mapping) or a value of the wrong type is a ``ConfigError``
@@ -191,6 +193,7 @@ class CheckpointConfig:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+TRAINABLE = ("adapters", "routers")
 
 
 @dataclass
@@ -205,13 +208,39 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 1234
     precision: str = "auto"
+    # "adapters": the MoLE adapters of ``mole`` train (the base frozen); "routers": only the base's
+    # MoE routers train, their weights directly (Router Lens's router tuning; no adapter)
+    trainable: str = "adapters"
+    # CEFT: a selection file (megatron-mole analyze --select N): LoRA (mole.rank/alpha) on the
+    # selected experts' fc1/fc2 only; replaces mole.targets and mole.method
+    trainable_experts: str | None = None
 
     def __post_init__(self):
-        _check_mole(self.mole)
+        _require(self.trainable in TRAINABLE, "trainable",
+                 f"must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        if self.trainable_experts is not None:
+            _require(self.trainable == "adapters", "trainable_experts",
+                     f"trains adapters on selected experts; it cannot be combined with trainable={self.trainable!r}")
+            for name in ("targets", "method"):
+                _require(name not in self.mole, f"mole.{name}",
+                         "is set by trainable_experts (the selected experts' fc1/fc2, method 'ceft'); remove it")
+        _check_mole(self.effective_mole())
         _require(self.precision in PRECISIONS, "precision",
                  f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _require(self.schedule.min_lr <= self.optimizer.lr, "schedule.min_lr",
                  f"min_lr={self.schedule.min_lr} exceeds optimizer.lr={self.optimizer.lr}")
+
+    def effective_mole(self) -> dict:
+        """The MoLEConfig arguments: ``mole``, with CEFT's method and targets under ``trainable_experts``."""
+        if self.trainable_experts is None:
+            return dict(self.mole)
+        from megatron_mole.analysis.selection import ceft_targets, read_selection
+
+        try:
+            targets = ceft_targets(read_selection(self.trainable_experts), self.trainable_experts)
+        except errors.ConfigError as error:
+            raise ConfigError("trainable_experts", str(error).removeprefix("trainable_experts: ")) from None
+        return dict(self.mole, method="ceft", targets=targets)
 
     @property
     def data_seed(self) -> int:
