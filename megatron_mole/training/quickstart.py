@@ -42,6 +42,7 @@ BASE = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "nu
 EXAMPLES_PER_DOMAIN = 256
 VOCAB_SIZE = 512
 PRETRAIN_STEPS = 120
+HELDOUT_PER_DOMAIN = 25
 
 
 def build_base(work_dir: Path, seed: int = 0, examples_per_domain: int = EXAMPLES_PER_DOMAIN,
@@ -174,12 +175,44 @@ def generate(base_dir: Path, adapter_dir: Path, load_adapter, num_prompts: int):
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = load_adapter(AutoModelForCausalLM.from_pretrained(base_dir), str(adapter_dir)).eval()
     for domain, prompt, expected in demo_prompts()[:num_prompts]:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        print(f"  [{domain}] {prompt!r} -> {text!r} (expected {expected!r})", flush=True)
+        print(f"  [{domain}] {prompt!r} -> {_answer(model, tokenizer, prompt)!r} (expected {expected!r})", flush=True)
+
+
+def _answer(model, tokenizer, prompt: str, max_new_tokens: int = 16) -> str:
+    import torch
+
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def heldout_accuracy(base_dir: Path, prompts, adapter_dir: Path | None = None, load_adapter=None) -> dict:
+    """{domain: exact-match accuracy} of greedy answers to ``prompts`` ([(domain, prompt, expected)])
+    by the transformers base, with the exported adapter when ``adapter_dir`` is given."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    if adapter_dir is not None:
+        model = load_adapter(model, str(adapter_dir))
+    model.eval()
+    hits, counts = {}, {}
+    with torch.inference_mode():
+        for domain, prompt, expected in prompts:
+            counts[domain] = counts.get(domain, 0) + 1
+            hits[domain] = hits.get(domain, 0) + (_answer(model, tokenizer, prompt) == expected)
+    return {d: hits[d] / counts[d] for d in counts}
+
+
+def print_accuracy(before: dict, after: dict | None, per_domain: int):
+    print(f"quickstart: exact-match accuracy on {per_domain} held-out prompts per domain (greedy):", flush=True)
+    print(f"  {'domain':<12} {'base':>6} {'+adapter':>9}", flush=True)
+    for domain in before:
+        trained = "" if after is None else f"{after[domain]:>9.0%}"
+        print(f"  {domain:<12} {before[domain]:>6.0%} {trained}", flush=True)
 
 
 def add_arguments(parser):
@@ -187,6 +220,8 @@ def add_arguments(parser):
     parser.add_argument("--max-steps", type=int, default=150, help="training steps")
     parser.add_argument("--save-interval", type=int, default=50, help="steps between checkpoints")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heldout", type=int, default=HELDOUT_PER_DOMAIN,
+                        help="held-out prompts per domain for the accuracy before/after training (0: skip)")
 
 
 def run(args) -> int:
@@ -195,6 +230,8 @@ def run(args) -> int:
     if args.max_steps < 1 or args.save_interval < 0:
         raise SystemExit(f"quickstart: --max-steps must be >= 1 and --save-interval >= 0, got "
                          f"{args.max_steps} and {args.save_interval}")
+    if args.heldout < 0:
+        raise SystemExit(f"quickstart: --heldout must be >= 0, got {args.heldout}")
     import torch
 
     # One thread: two training ranks share the machine with this process, and oversubscribed
@@ -213,6 +250,11 @@ def run(args) -> int:
     hf_dir = build_base(work_dir, args.seed)
     print(f"quickstart: wrote {work_dir / 'data' / 'train.jsonl'} and a tiny Llama base in {hf_dir} "
           f"({time.perf_counter() - start:.1f}s)", flush=True)
+    if args.heldout:
+        from megatron_mole.training.synthetic import generate_records, heldout_prompts
+
+        prompts = heldout_prompts(args.heldout, generate_records(EXAMPLES_PER_DOMAIN, args.seed))
+        before = heldout_accuracy(hf_dir, prompts)
     convert(hf_dir, work_dir / "mcore")
 
     config_path = work_dir / "config.yaml"
@@ -226,6 +268,12 @@ def run(args) -> int:
                    env=dict(_rank_env(), **device_env))
     print(f"quickstart: training took {seconds:.1f}s; log {work_dir / 'train.jsonl'}, "
           f"checkpoints {work_dir / 'checkpoints'}", flush=True)
-    export_and_generate(work_dir)
+    after = None
+    if export_and_generate(work_dir) and args.heldout:
+        from megatron_mole.hf import load_mole_adapter
+
+        after = heldout_accuracy(hf_dir, prompts, work_dir / "hf_adapter", load_mole_adapter)
+    if args.heldout:
+        print_accuracy(before, after, args.heldout)
     print(f"quickstart: done in {time.perf_counter() - start:.1f}s", flush=True)
     return 0

@@ -89,3 +89,23 @@ def demo_prompts(per_domain: int = 1, seed: int = 10_000) -> list:
     """[(domain, prompt, expected response)] for showing generations (a seed apart from training's)."""
     rng = random.Random(seed)
     return [(d, *make_example(d, rng)) for d in DOMAINS for _ in range(per_domain)]
+
+
+def heldout_prompts(per_domain: int, train_records, seed: int = 20_000) -> list:
+    """[(domain, prompt, expected response)]: ``per_domain`` examples of each domain whose prompt
+    is not among ``train_records``' prompts (distinct, seeded), for measuring accuracy."""
+    seen = set()
+    for record in train_records:
+        seen.add(record["prompt"] if "prompt" in record else record["messages"][0]["content"])
+    rng = random.Random(seed)
+    out = []
+    for domain in DOMAINS:
+        picked = {}
+        for _ in range(200 * per_domain):
+            if len(picked) == per_domain:
+                break
+            prompt, response = make_example(domain, rng)
+            if prompt not in seen:
+                picked.setdefault(prompt, response)
+        out += [(domain, prompt, response) for prompt, response in picked.items()]
+    return out
