@@ -13,7 +13,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     work = tmp_path / "qs"
     completed = subprocess.run(
         [sys.executable, "-m", "megatron_mole", "quickstart", "--work-dir", str(work), "--max-steps", "2",
-         "--save-interval", "1", "--heldout", "2"], capture_output=True, text=True, timeout=600)
+         "--save-interval", "1", "--heldout", "2", "--pretrain-steps", "5"], capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
 
     cfg = load_train_config(work / "config.yaml")

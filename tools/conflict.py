@@ -5,14 +5,16 @@
 
 One process, no torchrun (it sets a one-rank environment itself):
 
-1. **Data**: four instruction domains with the *same prompt form* ``Rewrite (TAG): w1 w2 ...``
+1. **Data**: four instruction domains with the *same prompt form* ``Rewrite (TAG): w1 w2``
    over one word list, asking for conflicting behaviour: ``reverse`` (the words reversed),
    ``capitalize`` (each word capitalised), ``translate`` (a fixed word map) and ``copy`` (the
    words unchanged). Only the tag (a neutral word: ``one``..``four``) tells them apart, so the
    same input words need four different outputs.
 2. **Base**: a byte-level BPE tokenizer and a tiny Llama (hidden 64, 2 layers, as the
-   quickstart's) briefly pretrained on the mixture's prompts and responses as unpaired texts
-   (it knows the words, not the rules); converted to Megatron-core.
+   quickstart's) briefly pretrained on a mixture: the fine-tuning prompts and responses as
+   unpaired texts, and raw-text demonstrations of the four skills with their own cue words
+   (``red cat backwards is cat red``, ``red cat in capitals is Red Cat``, ...). The base thus has
+   the skills; fine-tuning must learn which neutral tag asks for which, in the chat format.
 3. **Fine-tuning**, for every seed, on the same data, steps, batch and learning rate, adapters on
    every MLP's fc1 and fc2 only (attention frozen), at equal trainable parameters:
    ``lora`` (one LoRA, rank 16), ``mole`` (4 LoRA experts of rank 4, top-1 router,
@@ -57,7 +59,7 @@ METHODS = {
 
 
 def make_example(domain: str, rng: random.Random) -> tuple:
-    words = [rng.choice(WORDS) for _ in range(rng.randint(2, 4))]
+    words = [rng.choice(WORDS) for _ in range(2)]  # 400 prompts a domain: 300 train, 40 held out
     prompt = f"Rewrite ({TAGS[domain]}): {' '.join(words)}"
     if domain == "reverse":
         return prompt, " ".join(reversed(words))
@@ -66,6 +68,23 @@ def make_example(domain: str, rng: random.Random) -> tuple:
     if domain == "translate":
         return prompt, " ".join(dict(zip(WORDS, ZORBISH))[w] for w in words)
     return prompt, " ".join(words)
+
+
+# How the pretraining text states each skill (no tag): the base learns the four behaviours, not
+# which neutral tag asks for which.
+SKILL_CUES = {"reverse": "backwards is", "capitalize": "in capitals is", "translate": "in Zorbish is",
+              "copy": "repeated is"}
+
+
+def skill_texts(per_domain: int, seed: int = 2) -> list:
+    """Raw-text demonstrations of the skills (``red cat backwards is cat red``) for pretraining."""
+    rng = random.Random(seed)
+    out = []
+    for domain in DOMAINS:
+        for _ in range(per_domain):
+            prompt, response = make_example(domain, rng)
+            out.append(f"{prompt.split(': ', 1)[1]} {SKILL_CUES[domain]} {response}")
+    return out
 
 
 def records(per_domain: int, seed: int, exclude=frozenset()) -> list:
@@ -96,7 +115,7 @@ def build_base(work: Path, per_domain: int, pretrain_steps: int):
     for name, rows in (("train", train), ("heldout", heldout)):
         with open(work / "data" / f"{name}.jsonl", "w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in rows)
-    texts = [t for r in train for t in (r["prompt"], r["response"])]
+    texts = [t for r in train for t in (r["prompt"], r["response"])] + skill_texts(per_domain)
     tokenizer = train_tokenizer(texts, work / "hf_base", vocab_size=512)
     config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **BASE)
@@ -128,7 +147,7 @@ def evaluate(work: Path, adapter_dir: Path, heldout: list) -> dict:
 
     from megatron_mole.hf import load_mole_adapter
     from megatron_mole.training.data import tokenize_messages
-    from megatron_mole.training.quickstart import _answer
+    from megatron_mole.training.quickstart import greedy_answer
 
     tokenizer = AutoTokenizer.from_pretrained(work / "hf_base")
     model = load_mole_adapter(AutoModelForCausalLM.from_pretrained(work / "hf_base"), str(adapter_dir)).eval()
@@ -144,7 +163,7 @@ def evaluate(work: Path, adapter_dir: Path, heldout: list) -> dict:
             s = sums[r["domain"]]
             s[0] += float(loss)
             s[1] += int(mask.sum())
-            s[2] += _answer(model, tokenizer, r["prompt"]) == r["response"]
+            s[2] += greedy_answer(model, tokenizer, r["prompt"]) == r["response"]
             s[3] += 1
     return {d: {"loss": s[0] / s[1], "accuracy": s[2] / s[3]} for d, s in sums.items()}
 
@@ -224,8 +243,8 @@ def main(argv=None):
     parser.add_argument("--work", required=True, help="work directory (replaced)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps per run")
-    parser.add_argument("--per-domain", type=int, default=400, help="training examples per domain")
-    parser.add_argument("--pretrain-steps", type=int, default=150)
+    parser.add_argument("--per-domain", type=int, default=300, help="training examples per domain (<= 360)")
+    parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--port", type=int, default=29641)
     parser.add_argument("--out", default=None, help="where to copy the table and plots (e.g. examples/conflict)")
     args = parser.parse_args(argv)

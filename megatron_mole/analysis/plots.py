@@ -18,6 +18,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path) -> Path:
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def _short(name: str) -> str:
     return name.replace("decoder.layers.", "L").replace(".router", "")
 
@@ -54,10 +61,7 @@ def plot_expert_load(routers: dict, path, title: str = "") -> Path:
         fig.colorbar(image, ax=axes, shrink=0.8, label="fraction of the domain's expert uses")
     if title:
         fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_entropy(routers: dict, path, title: str = "") -> Path:
@@ -79,7 +83,4 @@ def plot_entropy(routers: dict, path, title: str = "") -> Path:
     ax.legend(fontsize=7, ncol=2)
     if title:
         ax.set_title(title, fontsize=10)
-    path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

@@ -41,7 +41,7 @@ BASE = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "nu
         "num_key_value_heads": 2, "max_position_embeddings": 256}
 EXAMPLES_PER_DOMAIN = 256
 VOCAB_SIZE = 512
-PRETRAIN_STEPS = 120
+PRETRAIN_STEPS = 1000
 HELDOUT_PER_DOMAIN = 25
 
 
@@ -51,7 +51,8 @@ def build_base(work_dir: Path, seed: int = 0, examples_per_domain: int = EXAMPLE
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megatron_mole.training.synthetic import generate_records, record_texts, write_instruction_dataset
+    from megatron_mole.training.synthetic import generate_records, record_texts, skill_texts, \
+        write_instruction_dataset
     from megatron_mole.training.tokenizer import train_tokenizer
 
     write_instruction_dataset(work_dir, examples_per_domain, seed)
@@ -62,15 +63,16 @@ def build_base(work_dir: Path, seed: int = 0, examples_per_domain: int = EXAMPLE
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **dict(BASE, **base_overrides))
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    if pretrain_steps:
-        pretrain(model, tokenizer, texts, pretrain_steps, seed)
+    if pretrain_steps:  # the words, and the skills stated as plain text (not the instructions)
+        pretrain(model, tokenizer, texts + skill_texts(examples_per_domain, seed + 1), pretrain_steps, seed)
     model.save_pretrained(hf_dir)
     return hf_dir
 
 
 def pretrain(model, tokenizer, texts, steps: int, seed: int, seq_length: int = 64, batch: int = 16):
-    """Next-token training of every weight on ``texts`` as separate documents (prompts and responses
-    unpaired): the base learns the language, not the tasks, and gets a usable output layer. A random
+    """Next-token training of every weight on ``texts`` as separate documents (the quickstart's:
+    prompts and responses unpaired, and the rules stated as plain text, ``synthetic.skill_text``):
+    the base learns the language and the skills, not the instructions, and gets a usable output layer. A random
     base's output layer (std 0.02 on a normalised hidden state) keeps every logit near zero, which no
     adapter on the blocks can undo."""
     import torch
@@ -86,7 +88,7 @@ def pretrain(model, tokenizer, texts, steps: int, seed: int, seq_length: int = 6
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    print(f"quickstart: pretrained the base {steps} steps on unpaired texts (last loss {loss.item():.3f})", flush=True)
+    print(f"quickstart: pretrained the base {steps} steps on {len(texts)} texts (last loss {loss.item():.3f})", flush=True)
 
 
 def train_config(work_dir: Path, max_steps: int, save_interval: int, seed: int = 0) -> dict:
@@ -175,10 +177,10 @@ def generate(base_dir: Path, adapter_dir: Path, load_adapter, num_prompts: int):
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = load_adapter(AutoModelForCausalLM.from_pretrained(base_dir), str(adapter_dir)).eval()
     for domain, prompt, expected in demo_prompts()[:num_prompts]:
-        print(f"  [{domain}] {prompt!r} -> {_answer(model, tokenizer, prompt)!r} (expected {expected!r})", flush=True)
+        print(f"  [{domain}] {prompt!r} -> {greedy_answer(model, tokenizer, prompt)!r} (expected {expected!r})", flush=True)
 
 
-def _answer(model, tokenizer, prompt: str, max_new_tokens: int = 16) -> str:
+def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 10) -> str:
     import torch
 
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -203,7 +205,7 @@ def heldout_accuracy(base_dir: Path, prompts, adapter_dir: Path | None = None, l
     with torch.inference_mode():
         for domain, prompt, expected in prompts:
             counts[domain] = counts.get(domain, 0) + 1
-            hits[domain] = hits.get(domain, 0) + (_answer(model, tokenizer, prompt) == expected)
+            hits[domain] = hits.get(domain, 0) + (greedy_answer(model, tokenizer, prompt) == expected)
     return {d: hits[d] / counts[d] for d in counts}
 
 
@@ -220,6 +222,8 @@ def add_arguments(parser):
     parser.add_argument("--max-steps", type=int, default=150, help="training steps")
     parser.add_argument("--save-interval", type=int, default=50, help="steps between checkpoints")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS,
+                        help="steps of pretraining the tiny base (all weights) before fine-tuning")
     parser.add_argument("--heldout", type=int, default=HELDOUT_PER_DOMAIN,
                         help="held-out prompts per domain for the accuracy before/after training (0: skip)")
 
@@ -247,7 +251,7 @@ def run(args) -> int:
         elif path.exists():
             path.unlink()
 
-    hf_dir = build_base(work_dir, args.seed)
+    hf_dir = build_base(work_dir, args.seed, pretrain_steps=args.pretrain_steps)
     print(f"quickstart: wrote {work_dir / 'data' / 'train.jsonl'} and a tiny Llama base in {hf_dir} "
           f"({time.perf_counter() - start:.1f}s)", flush=True)
     if args.heldout:

@@ -4,10 +4,12 @@ Four domains, each a rule a tiny model can learn, over one shared word list so
 that the instruction (not the vocabulary) tells the domains apart, which is what
 MoLE routing can specialise on:
 
-- ``arithmetic``: "What is 37 + 45?" -> "82" (sums and differences of numbers < 100);
-- ``reverse``: "Reverse the words: red cat runs" -> "runs cat red";
-- ``translate``: "Translate to Zorbish: red cat runs" -> "vok zim prel" (a fixed word map);
-- ``capitalize``: "Capitalize each word: red cat runs" -> "Red Cat Runs".
+- ``arithmetic``: "What is 7 + 5?" -> "12" (sums and differences of single digits);
+- ``reverse``: "Reverse the words: red cat" -> "cat red";
+- ``translate``: "Translate to Zorbish: red cat" -> "vok zim" (a fixed word map);
+- ``capitalize``: "Capitalize each word: red cat" -> "Red Cat".
+
+(two words a prompt: see ``WORDS_PER_PROMPT``).
 
 Everything is a function of the seed (``random.Random(seed)``). Records alternate
 between the ``messages`` and the ``prompt``/``response`` formats (every third one is
@@ -26,17 +28,21 @@ WORDS = ("red", "blue", "green", "cat", "dog", "bird", "fish", "tree", "house", 
 ZORBISH = ("vok", "dru", "nel", "zim", "pax", "tiro", "gume", "sol", "kerb", "lumo", "ash", "ny",
            "prel", "vash", "oom", "kip", "bara", "tet", "yul", "fen", "ka", "o", "mir", "tuv")
 TRANSLATION = dict(zip(WORDS, ZORBISH))
+# Two words a prompt and single-digit arithmetic: the frozen tiny base (2 layers, hidden 64) plus
+# adapters learns these in the quickstart's ~150 steps; longer, variable-length word lists need the
+# base to copy sequences of any length, which it cannot learn that fast (0% exact match measured).
+WORDS_PER_PROMPT = 2
 
 
 def make_example(domain: str, rng: random.Random) -> tuple:
     """(prompt, response) of one example of ``domain``."""
     if domain == "arithmetic":
-        a, b = rng.randrange(100), rng.randrange(100)
+        a, b = rng.randrange(10), rng.randrange(10)
         if rng.random() < 0.5:
             return f"What is {a} + {b}?", str(a + b)
         a, b = max(a, b), min(a, b)
         return f"What is {a} - {b}?", str(a - b)
-    words = [rng.choice(WORDS) for _ in range(rng.randint(2, 5))]
+    words = [rng.choice(WORDS) for _ in range(WORDS_PER_PROMPT)]
     text = " ".join(words)
     if domain == "reverse":
         return f"Reverse the words: {text}", " ".join(reversed(words))
@@ -71,6 +77,22 @@ def record_texts(records) -> list:
         else:
             texts += [record["prompt"], record["response"]]
     return texts
+
+
+def skill_text(domain: str, prompt: str, response: str) -> str:
+    """The rule of one example stated as plain text, without the instruction
+    ("7 + 5 = 12", "red cat backwards is cat red", "red cat in Zorbish is vok zim",
+    "red cat in capitals is Red Cat"): what a base meets in pretraining."""
+    if domain == "arithmetic":
+        return f"{prompt.removeprefix('What is ').removesuffix('?')} = {response}"
+    cue = {"reverse": "backwards is", "translate": "in Zorbish is", "capitalize": "in capitals is"}[domain]
+    return f"{prompt.split(': ', 1)[1]} {cue} {response}"
+
+
+def skill_texts(examples_per_domain: int, seed: int = 1) -> list:
+    """Plain-text statements of fresh examples of every domain (``skill_text``), seeded."""
+    rng = random.Random(seed)
+    return [skill_text(d, *make_example(d, rng)) for d in DOMAINS for _ in range(examples_per_domain)]
 
 
 def write_instruction_dataset(work_dir, examples_per_domain: int = 256, seed: int = 0) -> Path:
