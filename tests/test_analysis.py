@@ -1,5 +1,6 @@
 """analysis/stats.py on hand-made routing decisions: every number computed by hand here."""
 import math
+import random
 
 import pytest
 import torch
@@ -69,3 +70,23 @@ def test_bad_decisions_name_the_problem():
         routing_sums(torch.tensor([[3]]), torch.tensor([0]), 1, 3)
     with pytest.raises(ValueError, match=r"\[T, K\]"):
         routing_sums(torch.tensor([0, 1]), torch.tensor([0, 0]), 1, 3)
+
+
+def test_conflict_data_conflicts_and_held_out_prompts_are_new():
+    from tools import conflict as C
+
+    train = C.records(30, seed=0)
+    heldout = C.records(10, seed=1, exclude=frozenset(r["prompt"] for r in train))
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in heldout}
+    assert sorted({r["domain"] for r in train}) == sorted(C.DOMAINS)
+    # the same words under the four tags: four different answers, one prompt form
+    words, answers = set(), {}
+    for domain in C.DOMAINS:
+        prompt, answers[domain] = C.make_example(domain, random.Random(5))
+        tag, text = prompt.removeprefix("Rewrite (").split("): ")
+        assert tag == C.TAGS[domain]
+        words.add(text)
+    assert len(words) == 1  # the same input words under every tag
+    assert len(set(answers.values())) == 4 or answers["reverse"] == answers["copy"]  # unless w1 == w2
+    # equal trainable parameters up to the routers: 4 experts x rank 4 = one LoRA of rank 16
+    assert C.METHODS["lora"]["rank"] == C.METHODS["mole"]["num_experts"] * C.METHODS["mole"]["rank"]
