@@ -1,6 +1,6 @@
 """The data-conflict experiment: one LoRA vs MoLE top-1 vs DynMoLE on domains whose rules conflict.
 
-    PYTHONPATH=. python tools/conflict.py --work /tmp/conflict [--seeds 0 1 2] [--steps 200] \\
+    PYTHONPATH=. python tools/conflict.py --work /tmp/conflict [--seeds 0 1 2] [--steps 150] \\
         [--out examples/conflict]
 
 One process, no torchrun (it sets a one-rank environment itself):
@@ -242,9 +242,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", required=True, help="work directory (replaced)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps per run")
+    parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps per run")
     parser.add_argument("--per-domain", type=int, default=300, help="training examples per domain (<= 360)")
-    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--pretrain-steps", type=int, default=1000)
     parser.add_argument("--port", type=int, default=29641)
     parser.add_argument("--out", default=None, help="where to copy the table and plots (e.g. examples/conflict)")
     args = parser.parse_args(argv)
