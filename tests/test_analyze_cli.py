@@ -1,12 +1,13 @@
 """`megatron-mole analyze` against independent references, one 2-process launch.
 
 - The frozen routers of a converted tiny Mixtral (4 experts, top-2) at TP2 (Megatron's MoE
-  router then sees sequence-parallel chunks), PP2 and EP2 (two data-parallel ranks share the
+  router then sees sequence-parallel chunks) and EP2 (two data-parallel ranks share the
   examples): every (domain, expert) use count equals the one from transformers' own Mixtral
   routers (their chosen indices) on the same tokens.
 - MoLE routers of a saved adapter (random router, zero B: the base's hidden states are
-  unchanged) on the tiny Llama at EP2: the counts equal top-1 of ``W x`` with x the
-  transformers Llama's post-attention-norm output, and ``--select`` ranks by those counts.
+  unchanged) on the tiny Llama at PP2 (Megatron's pipeline schedule): the counts equal top-1 of
+  ``W x`` with x the transformers Llama's post-attention-norm output, and ``--select`` ranks by
+  those counts.
 """
 import json
 from argparse import Namespace
@@ -18,7 +19,8 @@ import torch
 from tests._dist import run_distributed
 
 EXAMPLES, SEQ = 5, 64
-LAYOUTS = {"tp2": dict(tp=2, pp=1, ep=1), "pp2": dict(tp=1, pp=2, ep=1), "ep2": dict(tp=1, pp=1, ep=2)}
+LAYOUTS = {"tp2": dict(tp=2, pp=1, ep=1), "ep2": dict(tp=1, pp=1, ep=2)}  # the MoE base
+MOLE_LAYOUT = dict(tp=1, pp=2, ep=1)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def _ranks(root, work):
     if dist.get_rank() == 0:
         save_adapter(str(root / "adapter"), sd, cfg, {"checkpoint": str(work / "mcore")}, overwrite=True)
     dist.barrier()
-    analyze(_args(root / "adapter", data, root / "mole", LAYOUTS["ep2"], tokenizer=str(work / "hf_base"),
+    analyze(_args(root / "adapter", data, root / "mole", MOLE_LAYOUT, tokenizer=str(work / "hf_base"),
                   select=2))
     if dist.get_rank() == 0:
         results["mole"] = _uses(root / "mole")
@@ -138,7 +140,7 @@ def test_analyze_matches_transformers_routers(bases):
     for h in hooks:
         h.remove()
     uses, report = results["mole"]
-    assert report["source"] == "adapter" and report["layout"]["dp"] == 2
+    assert report["source"] == "adapter" and report["layout"]["pp"] == 2
     for layer in range(2):
         name = f"decoder.layers.{layer}.mlp.mole.router"
         assert [uses[name][d] for d in dataset.domains] == expected[layer], layer
