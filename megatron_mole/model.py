@@ -304,6 +304,28 @@ def load_adapter_state_dict(model, sd: Dict[str, torch.Tensor], strict: bool = T
         raise ValueError("load_adapter_state_dict: " + "; ".join(errors))
 
 
+def trainable_summary(model) -> Dict[str, int]:
+    """Trainable adapter parameters per adapter kind, full tensors (unsharded), of the
+    adapters this rank's pipeline stages hold; read from the kinds' specs, no communication."""
+    out: Dict[str, int] = {}
+    for w in adapter_wrappers(model):
+        for t in kind_of(w.kind).tensors(w.cfg, w.unit_dims()):
+            if t.trainable and w.param_of(t.name) is not None:
+                n = 1
+                for size in t.shape:
+                    n *= size
+                out[w.kind] = out.get(w.kind, 0) + n
+    return out
+
+
+def format_trainable_summary(model, method: Optional[str] = None) -> str:
+    """One line: the method and ``trainable_summary``."""
+    counts = trainable_summary(model)
+    method = method or getattr(getattr(model, "mole_config", None), "method", "?")
+    parts = ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
+    return f"adapter: method {method}, trainable parameters {sum(counts.values()):,} ({parts})"
+
+
 def adapter_parameters(model) -> Iterable[nn.Parameter]:
     """The trainable adapter parameters (router state such as the balance fractions excluded)."""
     for w in adapter_wrappers(model):
