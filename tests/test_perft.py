@@ -103,6 +103,33 @@ def _block_references(method):
     return out
 
 
+def _config_errors():
+    """The messages of refused configurations, and whether the base router's Megatron losses are off."""
+    import megatron_mole as mm
+    from tests import _models
+
+    out = {}
+    attempts = {
+        "perft_s_experts": dict(method="perft-s", num_experts=4),
+        "some_experts": dict(method="perft-r", targets=["decoder.layers.0.mlp.experts.local_experts.0.linear_fc1"]),
+        "shared_expert": dict(method="perft-d", targets=["decoder.layers.0.mlp.shared_experts.linear_fc1"]),
+        "mole_into_experts": dict(method="mole", targets=["decoder.layers.0.mlp.experts.local_experts.0.linear_fc1"]),
+    }
+    for name, fields in attempts.items():
+        model, _ = _models.build_gpt(moe=True, moe_shared_expert_intermediate_size=32)
+        try:
+            mm.apply_mole(model, mm.MoLEConfig(**fields))
+            out[name] = None
+        except Exception as err:  # noqa: BLE001  (the test checks the type and message)
+            out[name] = f"{type(err).__name__}: {err}"
+    model, config = _models.build_gpt(moe=True, moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001)
+    mm.apply_mole(model, mm.MoLEConfig(method="perft-e"))
+    router = model.decoder.layers[0].mlp.base.router
+    out["base_losses_off"] = (router.config.moe_aux_loss_coeff == 0 and router.config.moe_z_loss_coeff is None
+                              and config.moe_aux_loss_coeff == 0.01)
+    return out
+
+
 def _run():
     import torch
 
@@ -120,6 +147,7 @@ def _run():
     set_model_parallel(tp=1, ep=1)
     for method in VARIANTS:
         out["refs"][method] = _block_references(method)
+    out["errors"] = _config_errors()
     saved = {}
     for layout in LAYOUTS:
         set_model_parallel(tp=layout["tp"], ep=layout["ep"])
@@ -154,3 +182,31 @@ def test_perft_parity_and_references():
         assert r["delta_size"] > 1e-3 and r["delta_err"] <= 1e-5, (method, r)
     assert res["refs"]["perft-e"]["rows_exact"]
     assert res["refs"]["perft-r"]["base_gate_gap"] > 1e-3
+    errors = res["errors"]
+    assert errors["perft_s_experts"].startswith("ConfigError") and "num_experts=4" in errors["perft_s_experts"]
+    assert errors["some_experts"].startswith("ConfigError") and "decoder.layers.0.mlp" in errors["some_experts"]
+    assert errors["shared_expert"].startswith("ConfigError") and "shared expert" in errors["shared_expert"]
+    assert "perft" in errors["mole_into_experts"]
+    assert errors["base_losses_off"]
+
+
+def test_trainable_params_of_the_paper_configurations():
+    """Mixtral-8x7B (H 4096, 32 layers, 8 experts): the PERFT paper's R(8,2,r8) = 17.8M, E r8 = 16.8M."""
+    import megatron_mole as mm
+    from megatron_mole.training.memory import Shapes, trainable_params
+
+    mixtral = Shapes(hidden=4096, ffn=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=32000,
+                     tied=False, base_experts=8, expert_ffn=14336, base_top_k=2)
+    moe = ["linear_fc1", "linear_fc2"]
+
+    def count(**fields):
+        return trainable_params(mixtral, mm.MoLEConfig(targets=moe, **fields))
+
+    assert count(method="perft-r", num_experts=8, top_k=2, rank=8) == 32 * 8 * (2 * 4096 * 8 + 4096) == 17_825_792
+    assert count(method="perft-e", rank=8) == 32 * 8 * 2 * 4096 * 8 == 16_777_216
+    assert count(method="perft-s", num_experts=1, rank=16) == 32 * 2 * 4096 * 16
+    assert count(method="perft-d", num_experts=4, rank=16) == 32 * 4 * 2 * 4096 * 16
+    # attention LoRA adds its own: 32 layers x r (in + out) for qkv (4096 -> 6144) and proj
+    with_attention = trainable_params(mixtral, mm.MoLEConfig(method="perft-e", rank=8,
+                                                             targets=moe + ["linear_qkv", "linear_proj"]))
+    assert with_attention - 16_777_216 == 32 * 8 * ((4096 + 6144) + (4096 + 4096))

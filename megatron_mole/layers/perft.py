@@ -82,7 +82,7 @@ class BlockPlacement(NoParallel):
 def block_placement(base):
     """The placement of an adapter parallel to ``base``: Megatron's MoELayer, or a
     single-device module (transformers inference)."""
-    group = getattr(base, "attn_tp_group", None) or getattr(base, "tp_group", None)
+    group = getattr(base, "attn_tp_group", None)
     if group is None:
         return NoParallel()
     return BlockPlacement(group, getattr(base.config, "sequence_parallel", False))
@@ -125,11 +125,12 @@ class PerftBlock(AdapterWrapper):
     layer_number = None  # global 0-based layer, set by apply_mole
     param_rewrites = {f"{PREFIX}.router.": "router.", f"{PREFIX}.": "adapters."}
 
-    def __init__(self, base, cfg):
+    def __init__(self, base, cfg, base_config=None):
         super().__init__()
         self.base, self.cfg = base, cfg
+        self.base_config = base_config if base_config is not None else base.config
         disable_base_aux_losses(base)
-        self.hidden = int(base.config.hidden_size)
+        self.hidden = int(self.base_config.hidden_size)
         self.place = block_placement(base)
         ref = next(p for p in base.parameters())
         self.dtype, self.device = ref.dtype, ref.device
@@ -170,8 +171,8 @@ class PerftDense(PerftBlock):
 
     kind = "perft_d"
 
-    def __init__(self, base, cfg):
-        super().__init__(base, cfg)
+    def __init__(self, base, cfg, base_config=None):
+        super().__init__(base, cfg, base_config)
         lead = () if self.kind == "perft_s" else (cfg.num_experts,)
         self.adapters = _Dense(lead, cfg.rank, self.hidden, self.dtype, self.device)
 
@@ -192,9 +193,9 @@ class PerftR(PerftBlock):
 
     kind = "perft_r"
 
-    def __init__(self, base, cfg):
-        super().__init__(base, cfg)
-        self.cfg = cfg = perft_router_config(cfg, base.config)
+    def __init__(self, base, cfg, base_config=None):
+        super().__init__(base, cfg, base_config)
+        self.cfg = cfg = perft_router_config(cfg, self.base_config)
         self.router = build_router(self.hidden, cfg, device=self.device)
         per_expert = 2 * self.hidden * cfg.rank
         self.sharding = expert_sharding(cfg, [(self.hidden, self.hidden)], per_expert)

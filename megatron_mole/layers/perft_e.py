@@ -55,8 +55,8 @@ class ExpertTPSplit(TPPlacement):
         self.tp_size, self.tp_rank = group.size(), group.rank()
 
 
-def num_base_experts(base) -> int:
-    config = base.config
+def num_base_experts(config) -> int:
+    """Routed experts per block, from a Megatron or transformers config."""
     n = getattr(config, "num_moe_experts", None) or getattr(config, "num_local_experts", None) \
         or getattr(config, "num_experts", None)
     if not n:
@@ -69,11 +69,12 @@ class PerftE(AdapterWrapper):
     layer_number = None
     param_rewrites = {f"{PREFIX}.": "adapters."}
 
-    def __init__(self, base, cfg):
+    def __init__(self, base, cfg, base_config=None):
         super().__init__()
         self.base, self.cfg = base, cfg
+        config = base_config if base_config is not None else base.config
         disable_base_aux_losses(base)
-        self.hidden, self.num_experts = int(base.config.hidden_size), num_base_experts(base)
+        self.hidden, self.num_experts = int(config.hidden_size), num_base_experts(config)
         experts = base.experts
         ep_group, etp_group = getattr(base, "ep_group", None), getattr(experts, "tp_group", None)
         self.place_a, self.place_b = NoParallel(), NoParallel()
