@@ -210,3 +210,15 @@ def test_trainable_params_of_the_paper_configurations():
     with_attention = trainable_params(mixtral, mm.MoLEConfig(method="perft-e", rank=8,
                                                              targets=moe + ["linear_qkv", "linear_proj"]))
     assert with_attention - 16_777_216 == 32 * 8 * ((4096 + 6144) + (4096 + 4096))
+
+
+def test_quickstart_mixtral_config(tmp_path):
+    """``quickstart --base mixtral`` trains PERFT-R (4 adapter experts, top-2) at EP=2 (the run itself is a
+    README demonstration, not a test: the default quickstart's end-to-end test covers the path)."""
+    import megatron_mole as mm
+    from megatron_mole.training.quickstart import LAYOUT, MIXTRAL, train_config
+
+    cfg = mm.MoLEConfig(**train_config(tmp_path, 2, 1, base="mixtral")["mole"])
+    assert (cfg.method, cfg.num_experts, cfg.top_k, LAYOUT["ep"]) == ("perft-r", 4, 2, 2)
+    assert MIXTRAL["num_local_experts"] == 4 and MIXTRAL["num_experts_per_tok"] == 2
+    assert train_config(tmp_path, 2, 1)["mole"].get("method", "mole") == "mole"  # the default is unchanged

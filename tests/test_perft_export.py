@@ -9,6 +9,7 @@ with ``load_mole_adapter``, transformers 5.x fused expert tensors) at TP1 for bo
 and at TP2 and EP2 for Mixtral; the export re-imports bit-exactly. In the pytest
 process: the adapter changes transformers' logits, and PEFT export is refused clearly.
 """
+import copy
 import os
 
 import pytest
@@ -96,8 +97,7 @@ def test_adapter_changes_transformers_logits_and_peft_is_refused(built):
         with torch.no_grad():
             want = plain(input_ids=tokens()).logits
         for method in VARIANTS:
-            model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
-            load_mole_adapter(model, f"{root}/{base}/{method}/adapter")
+            model = load_mole_adapter(copy.deepcopy(plain), f"{root}/{base}/{method}/adapter")
             with torch.no_grad():
                 got = model(input_ids=tokens()).logits
             assert (got - want).abs().max() > 1e-3, (base, method)
