@@ -12,7 +12,9 @@ same contract for Megatron's SequentialMLP, GroupedMLP and TEGroupedMLP (one for
 signature: rows, tokens_per_expert, probs), so the design holds for the grouped GPU
 experts unchanged; whether the experts apply the gates inside (after the activation)
 or on their input (``moe_apply_probs_on_input``), the hook sees the original rows and
-gates and P is linear, so gate * P_e(row) is the right term either way.
+gates and P is linear, so gate * P_e(row) is the right term either way. The grouped
+matmul takes the segment sizes as host ints: one ``tokens_per_expert.tolist()`` per block
+(SequentialMLP makes the same one; under GroupedMLP it is the adapter's only host sync).
 
 Placement follows the base expert: expert e's adapter lives on the expert-parallel
 rank that holds e (dim 0 split like Megatron's ``local_expert_indices``) and its
