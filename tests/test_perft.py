@@ -2,7 +2,7 @@
 
 One 4-process launch:
 
-- every variant (S, D, R, E; plus attention LoRA) trains 3 SGD steps with the same
+- every variant (S, D, R, E; plus attention LoRA) trains 2 SGD steps with the same
   losses at EP1 (DP4), EP2 (DP4) and TP2+SP x EP2 (DP2), relative <= 1e-5, the adapter
   trained at TP2xEP2 reloading at EP1 with the same per-token losses;
 - against plain-PyTorch references, on one MoE block at EP1: PERFT-E's adapter for
@@ -20,7 +20,7 @@ import pytest
 from tests._dist import run_distributed
 
 LAYOUTS = [dict(tp=1, ep=1, sp=False), dict(tp=1, ep=2, sp=False), dict(tp=2, ep=2, sp=True)]
-STEPS, GLOBAL_BATCH = 3, 4
+STEPS, GLOBAL_BATCH = 2, 4
 VARIANTS = {
     "perft-s": dict(num_experts=1),
     "perft-d": dict(num_experts=2),

@@ -1,7 +1,8 @@
 """PERFT adapters exported to transformers: Megatron and transformers logits agree.
 
 Tiny Mixtral (4 experts, top-2, renormalised gates) and Qwen2-MoE (shared expert, gates
-not renormalised) bases are built and converted locally (tests/test_convert.py). One
+not renormalised, layer 1 a dense MLP: a mixed base, whose dense MLP gets MoLE) bases are
+built and converted locally (tests/test_convert.py). One
 2-process launch: for each PERFT variant an adapter with random B is applied to the
 converted Megatron model, saved, exported with ``megatron-mole export`` and checked
 with ``verify --adapter`` (Megatron with the re-imported adapter against transformers
@@ -20,7 +21,8 @@ from tests._dist import run_distributed
 from tests.test_export import _cli, tokens
 
 TOLERANCE = 1e-4
-BASES = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe_sharded"}
+# Qwen2-MoE with mlp_only_layers=[1]: layer 0's MoE block gets PERFT, layer 1's dense MLP MoLE
+BASES = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe_dense_layer"}
 VARIANTS = {
     "perft-s": dict(num_experts=1),
     "perft-d": dict(num_experts=2),
