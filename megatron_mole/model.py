@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from megatron_mole.config import MoLEConfig
+from megatron_mole.errors import ConfigError
 from megatron_mole.layers import METHODS
 from megatron_mole.layers.base import AdapterWrapper
 from megatron_mole.layers.context import install_context_hooks
@@ -125,6 +126,8 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
     if any(isinstance(m, AdapterWrapper) for m in model.modules()):
         raise ValueError("apply_mole: the model already has adapters")
     check_model(model)  # a HybridModel needs a pattern with a GPT equivalent
+    method = METHODS[cfg.method]
+    method.check(cfg)
     gpaths = _global_paths(model)
     modules = dict(model.named_modules())
     hits = {p: [] for p in cfg.targets}
@@ -139,13 +142,23 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
                 continue
             in_experts = ".mlp.experts." in f".{gpath}."
             in_shared = ".shared_experts." in f".{gpath}."
+            if in_experts and method.adapts_moe_experts:  # the whole MoE block becomes one unit
+                hits[pattern].append(path)
+                continue
+            if in_shared and method.adapts_moe_experts:
+                if "." not in pattern:  # the block's adapter covers its shared experts too
+                    continue
+                raise ConfigError(f"target {pattern!r} matches {gpath!r}, inside an MoE shared expert: method "
+                                  f"{cfg.method!r} adapts whole MoE blocks (name the routed experts' "
+                                  f"linear_fc1/linear_fc2)")
             if in_experts or (in_shared and cfg.expert_scope == "mlp"):
                 if "." not in pattern:  # bare names skip what "mole" cannot adapt
                     continue
                 raise NotImplementedError(
                     f"target {pattern!r} matches {gpath!r}, inside an MoE "
                     f"{'shared expert' if in_shared else 'routed expert'}: not supported by "
-                    f"method 'mole'{' with expert_scope=mlp' if in_shared else ''}")
+                    f"method 'mole'{' with expert_scope=mlp' if in_shared else ''}"
+                    f"{'' if in_shared else ' (the perft-* methods adapt MoE blocks)'}")
             hits[pattern].append(path)
     empty = [p for p, paths in hits.items() if not paths]
     for pattern in empty:
@@ -161,11 +174,13 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
 
     for p in model.parameters():
         p.requires_grad_(False)
-    method = METHODS[cfg.method]
     chosen = sorted({path for paths in hits.values() for path in paths})
     wrappers = []
     mlp_parts: Dict[str, set] = {}
+    moe_blocks = _moe_blocks(chosen, modules, gpaths) if method.adapts_moe_experts else {}
     for path in chosen:
+        if any(path.startswith(block + ".experts.") for block in moe_blocks):
+            continue
         parent_path, _, name = path.rpartition(".")
         parent = modules[parent_path]
         kind = kind_of(method.kind_for(cfg, name, isinstance(parent, MLP)))
@@ -181,6 +196,11 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
         wrapper = kind.wrapper(modules[mlp_path], cfg, "linear_fc1" in names, "linear_fc2" in names)
         setattr(modules[grand_path], name, wrapper)
         wrappers.append((wrapper, gpaths[mlp_path]))
+    for block_path in moe_blocks:
+        grand_path, _, name = block_path.rpartition(".")
+        wrapper = kind_of(method.moe_kind).wrapper(modules[block_path], cfg)
+        setattr(modules[grand_path], name, wrapper)
+        wrappers.append((wrapper, gpaths[block_path]))
     for wrapper, gpath in wrappers:
         wrapper.adapter_prefix = gpath
         wrapper.layer_number = _layer_index(gpath)
@@ -189,6 +209,26 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
     install_context_hooks(model)
     model.mole_config = cfg
     return model
+
+
+def _moe_blocks(chosen: List[str], modules: Dict[str, nn.Module], gpaths: Dict[str, str]) -> Dict[str, set]:
+    """MoE block path -> names of its expert linears the targets matched. A PERFT method
+    adapts whole blocks: targets that match a linear in some but not all of a block's
+    experts are an error naming the block."""
+    blocks: Dict[str, set] = {}
+    for path in chosen:
+        if ".experts." in path:
+            block, _, rest = path.partition(".experts.")
+            blocks.setdefault(block, set()).add(rest.rsplit(".", 1)[-1])
+    picked = set(chosen)
+    for block, names in blocks.items():
+        for path in modules:
+            if path.startswith(block + ".experts.") and path.rsplit(".", 1)[-1] in names and path not in picked:
+                raise ConfigError(f"MoLEConfig.targets: they match some experts of the MoE block "
+                                  f"{gpaths[block]!r} but not {gpaths[path]!r}; a PERFT method adapts whole "
+                                  f"blocks: name the experts' linears by bare name ({sorted(names)}) or "
+                                  f"'{gpaths[block]}.experts.**'")
+    return blocks
 
 
 def mark_parallel_attributes(wrapper: AdapterWrapper) -> None:
@@ -262,6 +302,28 @@ def load_adapter_state_dict(model, sd: Dict[str, torch.Tensor], strict: bool = T
         errors += [f"unexpected tensor {k!r}" for k in sorted(set(sd) - known)]
     if errors:
         raise ValueError("load_adapter_state_dict: " + "; ".join(errors))
+
+
+def trainable_summary(model) -> Dict[str, int]:
+    """Trainable adapter parameters per adapter kind, full tensors (unsharded), of the
+    adapters this rank's pipeline stages hold; read from the kinds' specs, no communication."""
+    out: Dict[str, int] = {}
+    for w in adapter_wrappers(model):
+        for t in kind_of(w.kind).tensors(w.cfg, w.unit_dims()):
+            if t.trainable and w.param_of(t.name) is not None:
+                n = 1
+                for size in t.shape:
+                    n *= size
+                out[w.kind] = out.get(w.kind, 0) + n
+    return out
+
+
+def format_trainable_summary(model, method: Optional[str] = None) -> str:
+    """One line: the method and ``trainable_summary``."""
+    counts = trainable_summary(model)
+    method = method or getattr(getattr(model, "mole_config", None), "method", "?")
+    parts = ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
+    return f"adapter: method {method}, trainable parameters {sum(counts.values()):,} ({parts})"
 
 
 def adapter_parameters(model) -> Iterable[nn.Parameter]:

@@ -62,7 +62,7 @@ import torch
 from megatron_mole.checkpoint import ckpt_io, optim_state
 from megatron_mole.training.data import InstructionDataset, domain_loss_sums, packed_attention_mask, \
     split_microbatches
-from megatron_mole.model import update_global_balance
+from megatron_mole.model import format_trainable_summary, update_global_balance
 from megatron_mole.training.logging import RouterLoadMonitor, StepLogger, gather_router_stats, recent_records, \
     weighted_aux_loss
 from megatron_mole.training.sampler import GlobalBatchLoader
@@ -376,6 +376,8 @@ class Trainer:
         self._info(f"train: world={self.info.world_size} tp={self.info.tp} pp={self.info.pp} ep={self.info.ep} "
                    f"dp={self.dp} device={self.device.type} dtype={str(self.dtype).replace('torch.', '')} "
                    f"adapter params={result.adapter_params} (rank 0)")
+        self._info(format_trainable_summary(self.model, self.mole_config.method)
+                   + " (full tensors, rank 0's pipeline stages)")
         self.resume()
         latest = ckpt_io.latest_step(ck.save_dir) if ck.save_dir else None
         if latest is not None and latest > self.step:
