@@ -57,6 +57,7 @@ from megatron_mole.checkpoint.mcore import (
     conversion_runtime,
 )
 from megatron_mole.checkpoint.spec import check_layout, spec_from_hf_config
+from megatron_mole.runtime import compat
 
 __all__ = ["hf_to_mcore", "mcore_to_hf", "atomic_output_dir", "resolve_dtype"]
 
@@ -221,6 +222,7 @@ def hf_to_mcore(
             if info.rank == 0:
                 os.makedirs(os.path.join(tmp, DIST_DIR))
             _barrier(info)
+            compat.prime_checkpoint_writer()
             dist_checkpointing.save(state, os.path.join(tmp, DIST_DIR))
             if info.rank == 0:
                 copy_side_files(hf_dir, os.path.join(tmp, HF_DIR))

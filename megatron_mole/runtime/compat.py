@@ -12,6 +12,12 @@ the rest of the package calls these helpers. What differs:
   modules, so megatron_mole supports HybridModel on >= 0.19 only:
   :func:`hybrid_unavailable_reason` says why not, :func:`build_hybrid_model` builds one
   from the same local layer spec a GPTModel uses (identical modules, identical math).
+* The torch_dist writer collects its results through a ``multiprocessing.Manager`` queue
+  that it starts with the *spawn* method on first use (``_get_write_results_queue`` in
+  0.16, ``get_write_results_queue(mp_mode)`` in 0.19): a fresh interpreter that re-imports
+  torch, ~3-7 s per process on 2 CPU cores, most of a small conversion's time.
+  :func:`prime_checkpoint_writer` starts that queue's Manager by *fork* instead (it runs
+  only multiprocessing code, no torch or CUDA; the writer itself forks its workers).
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ __all__ = [
     "local_mlp_submodules",
     "hybrid_unavailable_reason",
     "build_hybrid_model",
+    "prime_checkpoint_writer",
 ]
 
 HYBRID_MIN_VERSION = (0, 19)
@@ -112,3 +119,14 @@ def build_hybrid_model(config, layer_spec, pattern: str, moe_layer_spec=None, **
     kwargs = dict(model_kwargs)
     kwargs.pop("transformer_layer_spec", None)
     return HybridModel(config, hybrid_stack_spec=stack, hybrid_layer_pattern=pattern, **kwargs)
+
+
+def prime_checkpoint_writer() -> None:
+    """Start the torch_dist writer's results-queue Manager by fork (see the module docstring);
+    a no-op once it exists, or when this release keeps the queue elsewhere."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
