@@ -218,6 +218,11 @@ def build_llava_model(spec: Dict[str, Any], params_dtype: torch.dtype, device=No
         language_rope_scaling_factor=gpt.get("rope_scaling_factor", 8.0),
         image_token_index=llava["image_token_index"],
     )
+    if not hasattr(model, "model_type"):
+        # Megatron's schedules read it; the tower shares the first stage with the LM (0.16 lacks it).
+        from megatron.core.transformer.enums import ModelType
+
+        model.model_type = ModelType.encoder_or_decoder
     restore_tensor_parallel_attributes(model)
     # CLIPViTModel builds its patch conv (and the torch LayerNorms) in torch's default dtype.
     model.to(params_dtype)
