@@ -344,7 +344,25 @@ def projector_state_dict(model) -> Dict[str, torch.Tensor]:
                 parts = [torch.empty_like(value) for _ in range(ps.get_tensor_model_parallel_world_size())]
                 torch.distributed.all_gather(parts, value.contiguous(), group=ps.get_tensor_model_parallel_group())
                 value = torch.cat(parts, dim=p.partition_dim)
-            local[f"vision_projection.{name}"] = value.cpu()
+            # A Parrot-wrapped projector keeps the projector as ``base`` (and the MoE beside it).
+            if name.startswith("moe."):
+                continue
+            local["vision_projection." + name.removeprefix("base.")] = value.cpu()
+    merged = {}
+    for part in _gather_over_pp(local):
+        merged.update(part)
+    return merged
+
+
+def parrot_state_dict(model) -> Dict[str, torch.Tensor]:
+    """Parrot's MoE tensors (replicated; CPU) under ``parrot.<name>``, on every rank (empty without Parrot)."""
+    from megatron_mole.layers.parrot import parrot_module
+
+    local = {}
+    for chunk in _chunks(model):
+        wrapper = parrot_module(chunk)
+        if wrapper is not None:
+            local.update({f"parrot.{k}": v.detach().cpu() for k, v in wrapper.moe.state_dict().items()})
     merged = {}
     for part in _gather_over_pp(local):
         merged.update(part)

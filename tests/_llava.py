@@ -53,7 +53,7 @@ def llava_batches(spec, steps: int, global_batch: int, text_len: int = 8, seed: 
     return out
 
 
-def train_llava(model, batches, lr: float = 0.1):
+def train_llava(model, batches, lr: float = 0.1, after_step=None):
     """SGD on ``batches`` through Megatron's schedule with its DDP; returns the per-step mean losses."""
     import torch
     from megatron.core import parallel_state as ps
@@ -80,5 +80,7 @@ def train_llava(model, batches, lr: float = 0.1):
         with torch.no_grad():
             for p in params:
                 p.add_(p.main_grad, alpha=-lr)
+        if after_step is not None:
+            after_step(model)
         losses.append(_global_mean_loss(reduced))
     return losses

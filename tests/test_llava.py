@@ -59,8 +59,60 @@ def _run(hf_dirs, work):
         model = load_model(mc, params_dtype=torch.float32)
         out["losses"].append(_llava.train_llava(model, batches, lr=0.1))
     out["times"].append(time.time() - t0)
+    out["mole"] = _mole_parrot(mc, hf_dirs["llama"], spec, batches, work)
+    out["times"].append(time.time() - t0)
     dist.barrier()
     return out
+
+
+# MoLE on the LM (both scopes, two routers) + trainable projector + Parrot (full / LoRA experts)
+MOLE_CASES = [
+    dict(mole=dict(router="topk", expert_scope="mlp", targets=["linear_fc1", "linear_fc2"]), lora_rank=None),
+    dict(mole=dict(router="dynmole", expert_scope="linear", targets=["linear_qkv", "linear_fc2"]), lora_rank=4),
+]
+
+
+def _mole_parrot(mc, hf, spec, batches, work):
+    import torch
+
+    import megatron_mole as mm
+    from megatron_mole.checkpoint.llava_adapter import export_llava_adapter
+    from megatron_mole.checkpoint.llava_run import compare_llava_logits
+    from megatron_mole.checkpoint.mcore import load_model
+    from megatron_mole.layers.parrot import apply_parrot, parrot_module, set_parrot_stage
+    from megatron_mole.model import set_projector_trainable, update_global_balance
+    from megatron_mole.runtime import set_model_parallel
+    from tests import _llava
+
+    results = []
+    for index, case in enumerate(MOLE_CASES):
+        losses = []
+        for layout in LAYOUTS:
+            set_model_parallel(**layout)
+            model = load_model(mc, params_dtype=torch.float32)
+            mm.apply_mole(model, mm.MoLEConfig(num_experts=4, rank=4, alpha=8, lora_b_init="random", seed=11,
+                                               **case["mole"]))
+            set_projector_trainable(model)
+            apply_parrot(model, num_experts=3, ffn_hidden_size=32, lora_rank=case["lora_rank"], seed=5)
+            set_parrot_stage(model, 2)
+            losses.append(_llava.train_llava(model, batches, lr=0.2, after_step=update_global_balance))
+        # the last layout (PP2) exports; transformers runs it against Megatron at TP2
+        adapter = os.path.join(work, f"adapter-{index}")
+        export_llava_adapter(model, spec, adapter)
+        verify = compare_llava_logits(hf, mc, tp=2, pp=1, dtype="float32", device="cpu", adapter=adapter)
+        results.append(dict(losses=losses, verify=verify))
+    # stage 1: the projector alone learns; Parrot is bypassed, the adapters stay put
+    set_model_parallel(tp=2, pp=1)
+    model = load_model(mc, params_dtype=torch.float32)
+    mm.apply_mole(model, mm.MoLEConfig(num_experts=2, rank=4, alpha=8, lora_b_init="random", seed=11))
+    apply_parrot(model, num_experts=3, ffn_hidden_size=32, seed=5)
+    set_parrot_stage(model, 1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _llava.train_llava(model, batches[:1], lr=0.2)
+    moved = sorted({n.split(".")[0] + ("/moe" if ".moe." in n else "") for n, p in model.named_parameters()
+                    if not torch.equal(before[n], p.detach())})
+    results.append(dict(stage1_moved=moved, parrot_enabled=parrot_module(model).enabled))
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +145,18 @@ def test_training_parity_tp_pp(llava_run):
         for step, (ref, value) in enumerate(zip(reference, got)):
             assert abs(value - ref) <= 1e-5 * abs(ref), (layout, step, ref, value)
     assert llava_run[1]["losses"] == losses
+
+
+def test_mole_parrot_parity_and_export(llava_run):
+    *cases, stage1 = llava_run[0]["mole"]
+    for case, result in zip(MOLE_CASES, cases):
+        reference = result["losses"][0]
+        print(case, result["losses"], result["verify"]["max_rel"])
+        assert reference[-1] < reference[0], reference
+        for layout, got in zip(LAYOUTS[1:], result["losses"][1:]):
+            for ref, value in zip(reference, got):
+                assert abs(value - ref) <= 1e-5 * abs(ref), (case, layout, reference, got)
+        assert result["verify"]["ok"], result["verify"]
+    # stage 1 trains the projector only (vision tower, LM, adapters and Parrot fixed)
+    assert stage1["stage1_moved"] == ["vision_projection"], stage1
+    assert stage1["parrot_enabled"] is False

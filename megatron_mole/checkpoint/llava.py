@@ -36,7 +36,7 @@ from megatron_mole.checkpoint import keymaps
 from megatron_mole.checkpoint.spec import UnsupportedModelError, spec_from_hf_config
 
 __all__ = ["UNUSED_NAME", "is_llava_spec", "llava_spec_from_hf_config", "build_llava_model", "vit_layer_spec",
-           "llava_rule_instances", "unused_hf_keys", "megatron_input_ids", "hf_input_ids", "ACTIVATIONS"]
+           "llava_rule_instances", "adapter_rule_instances", "unused_hf_keys", "megatron_input_ids", "hf_input_ids", "ACTIVATIONS"]
 
 UNUSED_NAME = "hf_unused.safetensors"
 
@@ -285,6 +285,19 @@ def llava_rule_instances(spec) -> list:
     first = [i for i in head if i.mcore[0].startswith("embedding.")]
     last = [i for i in head if not i.mcore[0].startswith("embedding.")]
     return vision + _prefixed(first + layers + last, "language_model.", "language_model.")
+
+
+def adapter_rule_instances(spec) -> list:
+    """The LM's rules with Megatron names relative to the language model (where ``apply_mole``
+    puts the adapters: ``decoder.layers.{L}...``) and transformers' in-memory module names of
+    a LlavaForConditionalGeneration (``model.language_model.layers.{L}...``)."""
+    out = []
+    for inst in llava_rule_instances(spec):
+        if not inst.mcore[0].startswith("language_model.decoder."):
+            continue
+        hf = tuple("model.language_model." + h[len("language_model.model."):] for h in inst.hf)
+        out.append(keymaps.RuleInstance(tuple(m[len("language_model."):] for m in inst.mcore), hf, inst.op))
+    return out
 
 
 def unused_hf_keys(spec, keys) -> List[str]:

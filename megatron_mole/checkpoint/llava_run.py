@@ -154,9 +154,9 @@ def compare_llava_logits(hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1, 
     images, ids = images.to(info.device, compute), ids.to(info.device)
     chunks = load_model_chunks(mcore_dir, params_dtype=compute)
     if adapter is not None:
-        from megatron_mole.checkpoint.verify import apply_adapter
+        from megatron_mole.checkpoint.llava_adapter import import_llava_adapter
 
-        apply_adapter([c.language_model for c in chunks], adapter)
+        import_llava_adapter(chunks, adapter)
     from megatron_mole.checkpoint.verify import keep_float64
 
     with keep_float64(compute):

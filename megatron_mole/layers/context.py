@@ -39,6 +39,11 @@ def routing_inputs(padding_mask=None, segment_ids=None, condition=None):
         _INPUTS.update(saved)
 
 
+def current_condition():
+    """The ``condition`` supplied with :func:`routing_inputs` for this forward, or None."""
+    return _INPUTS["condition"]
+
+
 def record_padding_mask(module, args, kwargs):
     """Forward pre-hook (with kwargs) on a model: keep its ``padding_mask``."""
     _INPUTS["padding_mask"] = kwargs.get("padding_mask")
