@@ -121,6 +121,23 @@ def is_multimodal(model: nn.Module) -> bool:
     return hasattr(model, "language_model") and hasattr(model, "vision_projection")
 
 
+def _record_combined_padding(model, args, kwargs):
+    """LLaVAModel pre-hook: the padding [b, C] of the combined (image + text) sequence its LM
+    will see (under pipeline parallelism padded to the LM's max length), so that routers
+    leave it out of their statistics and losses as on a GPT base."""
+    ids_BS = kwargs.get("input_ids", args[1] if len(args) > 1 else None)
+    if ids_BS is None:
+        return
+    images_B = (ids_BS == model.image_token_index).sum(-1)
+    length_B = ids_BS.shape[1] + images_B * (model.img_seq_len - 1)
+    padded = int(length_B.max())
+    if model.config.pipeline_model_parallel_size > 1:
+        padded = max(padded, model._language_max_sequence_length)
+    padded = min(padded, model._language_max_sequence_length)
+    positions = torch.arange(padded, device=ids_BS.device)
+    model.language_model.mole_padding_mask = positions.unsqueeze(0) >= length_B.unsqueeze(1)
+
+
 def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLP
@@ -134,6 +151,7 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
             p.requires_grad_(False)
         if model.language_model is not None:
             apply_mole(model.language_model, cfg)
+            model.register_forward_pre_hook(_record_combined_padding, with_kwargs=True)
         model.mole_config = cfg
         return model
     if any(isinstance(m, AdapterWrapper) for m in model.modules()):

@@ -60,6 +60,7 @@ def train_llava(model, batches, lr: float = 0.1, after_step=None):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_mole.checkpoint.llava_run import combined_length, llava_forward_step, schedule_seq_length
+    from megatron_mole.routing import set_aux_loss_scale
     from tools.smoke import _global_mean_loss, wrap_ddp
 
     config = model.language_model.config
@@ -72,6 +73,7 @@ def train_llava(model, batches, lr: float = 0.1, after_step=None):
         share = len(global_batch) // dp
         micro = global_batch[dp_rank * share:(dp_rank + 1) * share]
         combined = combined_length(micro[0]["input_ids"], spec_tokens, model.img_seq_len)
+        set_aux_loss_scale(1.0 / len(micro))  # as Megatron's schedules scale the main loss
         ddp.zero_grad_buffer()
         reduced = get_forward_backward_func()(
             forward_step_func=llava_forward_step, data_iterator=iter(micro), model=[ddp],

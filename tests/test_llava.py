@@ -95,7 +95,7 @@ def _mole_parrot(mc, hf, spec, batches, work):
             set_projector_trainable(model)
             apply_parrot(model, num_experts=3, ffn_hidden_size=32, lora_rank=case["lora_rank"], seed=5)
             set_parrot_stage(model, 2)
-            losses.append(_llava.train_llava(model, batches, lr=0.2, after_step=update_global_balance))
+            losses.append(_llava.train_llava(model, batches, lr=0.1, after_step=update_global_balance))
         # the last layout (PP2) exports; transformers runs it against Megatron at TP2
         adapter = os.path.join(work, f"adapter-{index}")
         export_llava_adapter(model, spec, adapter)

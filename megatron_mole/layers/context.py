@@ -46,7 +46,9 @@ def current_condition():
 
 def record_padding_mask(module, args, kwargs):
     """Forward pre-hook (with kwargs) on a model: keep its ``padding_mask``."""
-    _INPUTS["padding_mask"] = kwargs.get("padding_mask")
+    # A wrapper model that calls this one without a mask may have left one on it (LLaVA: the
+    # padding of the combined image + text sequence, megatron_mole.model).
+    _INPUTS["padding_mask"] = kwargs.get("padding_mask", getattr(module, "mole_padding_mask", None))
 
 
 def forget_padding_mask(module, args, output):
