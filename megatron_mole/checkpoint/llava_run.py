@@ -2,7 +2,7 @@
 
 A micro-batch is a dict: ``images`` [b, 3, H, W], ``input_ids`` [b, s] with ONE image token
 per image (Megatron's convention), and for training ``labels`` / ``loss_mask`` [b, s] in
-the text positions; LLaVAModel expands all of them to the combined (image + text)
+the text positions (and optionally ``prompt_mask`` [b, s], Parrot's prompt tokens); LLaVAModel expands all of them to the combined (image + text)
 sequence itself. Every stage receives the whole dict: the last stage needs the ids to
 place labels, the first the images.
 
@@ -58,9 +58,13 @@ def llava_forward_step(data_iterator, chunk, collect_logits: Optional[int] = Non
     """
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+    from megatron_mole.layers.context import routing_inputs
+
     batch = next(data_iterator)
-    output, loss_mask = chunk(batch["images"], batch["input_ids"], None, None, labels=batch.get("labels"),
-                              loss_mask=batch.get("loss_mask"))
+    # A batch's prompt_mask (mm_data.collate) tells Parrot the prompt tokens, padding excluded.
+    with routing_inputs(condition=batch.get("prompt_mask")):
+        output, loss_mask = chunk(batch["images"], batch["input_ids"], None, None, labels=batch.get("labels"),
+                                  loss_mask=batch.get("loss_mask"))
     if collect_logits is not None:
         length = batch.get("combined")
 

@@ -10,9 +10,9 @@ An adapter exported from a LLaVA base may carry, beside the LM's MoLE adapters:
 :func:`load_multimodal` copies the projector in and inserts Parrot after it: the projector
 module is replaced by :class:`HFParrotProjection`, which runs the projector, then the very
 :class:`~megatron_mole.experts.parrot.ParrotMoE` Megatron trains. Its text input comes from
-a forward pre-hook on the Llava model that records ``input_ids`` and ``attention_mask``:
-the prompt tokens are the attended non-image tokens of the call that carries the image
-(transformers passes ``pixel_values`` only on the first generation step).
+a forward pre-hook on the Llava model that records ``input_ids`` and ``attention_mask``, and
+``generate()`` records them too (transformers 5 computes the image features before the
+first forward): the prompt tokens are the attended non-image tokens of the prompt.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ class HFParrotProjection(nn.Module):
         self._embeddings = (embeddings,)
         self.image_token = image_token
         self.inputs = None
+        self.prompt_mask = None  # [B, S] in the model's input layout, when the caller knows the prompt
 
     def forward(self, features_NVD):
         projected = self.base(features_NVD)
@@ -55,15 +56,29 @@ class HFParrotProjection(nn.Module):
         prompt_BS = ids_BS != self.image_token
         if attention_BS is not None:
             prompt_BS = prompt_BS & attention_BS.bool()
+        if self.prompt_mask is not None:  # teacher-forced scoring: the answer is in the input, not the prompt
+            prompt_BS = self.prompt_mask.to(prompt_BS.device).bool()
         text_ids = torch.where(ids_BS == self.image_token, torch.zeros_like(ids_BS), ids_BS)
         text_BSD = self._embeddings[0](text_ids).to(projected.dtype)
         return self.moe(projected, text_BSD, prompt_BS)
 
 
 def _record(module, args, kwargs):
-    projection = module.multi_modal_projector
     ids = kwargs.get("input_ids", args[0] if args else None)
-    projection.inputs = (ids, kwargs.get("attention_mask"))
+    if ids is not None:
+        module.multi_modal_projector.inputs = (ids, kwargs.get("attention_mask"))
+
+
+def _recording_generate(model, projection):
+    """transformers' generate() computes the image features before the first forward
+    (``mm_encoder_outputs``): record the prompt when generate() is called."""
+    original = model.generate
+
+    def generate(*args, **kwargs):
+        projection.inputs = (kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask"))
+        return original(*args, **kwargs)
+
+    return generate
 
 
 def load_multimodal(model: nn.Module, adapter_dir: str, section: dict) -> None:
@@ -98,3 +113,4 @@ def load_multimodal(model: nn.Module, adapter_dir: str, section: dict) -> None:
         llava.multi_modal_projector = HFParrotProjection(projector, moe, llava.get_input_embeddings(),
                                                          section["image_token_id"])
         llava.register_forward_pre_hook(_record, with_kwargs=True)
+        model.generate = _recording_generate(model, llava.multi_modal_projector)

@@ -187,9 +187,16 @@ def add_arguments(parser):
     parser.add_argument("--max-steps", type=int, default=150, help="training steps")
     parser.add_argument("--save-interval", type=int, default=50, help="steps between checkpoints")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base", default="llama", choices=("llama", "llava"),
+                        help="llama: the text quickstart; llava: a tiny vision-language base with MoLE + Parrot "
+                             "(training/llava_quickstart.py)")
 
 
 def run(args) -> int:
+    if getattr(args, "base", "llama") == "llava":
+        from megatron_mole.training.llava_quickstart import run as run_llava
+
+        return run_llava(args)
     import yaml
 
     if args.max_steps < 1 or args.save_interval < 0:
