@@ -108,14 +108,11 @@ def hf_llava_logits(hf_dir: str, images_B3HW, hf_ids_BS, dtype=torch.float32, na
     """transformers' LlavaForConditionalGeneration logits [B, C, V] in ``dtype``."""
     from transformers import LlavaForConditionalGeneration
 
-    from megatron_mole.checkpoint.verify import keep_float64
+    from megatron_mole.checkpoint.verify import keep_float64, narrow_weights
 
     if model is None:
         model = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype)
-        if narrow_to is not None and narrow_to != dtype:
-            with torch.no_grad():
-                for param in model.parameters():
-                    param.copy_(param.to(narrow_to))
+        narrow_weights(model, dtype, narrow_to)
         if adapter is not None:
             from megatron_mole.hf import load_mole_adapter
 

@@ -101,10 +101,7 @@ def hf_logits(hf_dir: str, tokens_BS: torch.Tensor, adapter: str = None, dtype=t
     # torch's grouped matmul (transformers' default for MoE experts) has no float64 kernel.
     extra = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, **extra).to(tokens_BS.device)
-    if narrow_to is not None and narrow_to != dtype:
-        with torch.no_grad():
-            for param in model.parameters():
-                param.copy_(param.to(narrow_to))
+    narrow_weights(model, dtype, narrow_to)
     if adapter is not None:
         from megatron_mole.hf import load_mole_adapter
 
@@ -120,6 +117,15 @@ def hf_logits(hf_dir: str, tokens_BS: torch.Tensor, adapter: str = None, dtype=t
     finally:
         for handle in handles:
             handle.remove()
+
+
+def narrow_weights(model, dtype, narrow_to) -> None:
+    """Round every weight of ``model`` (held in ``dtype``) to ``narrow_to`` and back: the values the
+    Megatron checkpoint holds."""
+    if narrow_to is not None and narrow_to != dtype:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.to(narrow_to))
 
 
 class _KeepFloat64(TorchFunctionMode):

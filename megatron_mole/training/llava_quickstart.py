@@ -229,7 +229,8 @@ def worker(work_dir: str, stage1_steps: int, stage2_steps: int, seed: int) -> No
     mm.apply_mole(model, mm.MoLEConfig(num_experts=4, rank=8, alpha=16, top_k=1, expert_scope="mlp",
                                        targets=["linear_fc1", "linear_fc2", "linear_qkv"], seed=seed))
     set_projector_trainable(model)
-    apply_parrot(model, num_experts=4, ffn_hidden_size=64, seed=seed)
+    # alpha 1: the identity path keeps what stage 1 taught the LM about the visual tokens
+    apply_parrot(model, num_experts=4, ffn_hidden_size=64, alpha=1.0, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     micro, per_rank = 4, 8

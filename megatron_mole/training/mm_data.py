@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from megatron_mole.training.data import (IGNORE_INDEX, BadLine, DataError, DataReport, _BadRecord, parse_record,
-                                         template_refusal, tokenize_messages)
+                                         read_jsonl, template_refusal, tokenize_messages)
 
 __all__ = ["ImageExample", "read_image_jsonl", "MultimodalDataset", "collate"]
 
@@ -85,29 +85,17 @@ def read_image_jsonl(paths, strict: bool = False, report: DataReport | None = No
                      placeholder: str = PLACEHOLDER) -> tuple:
     """Read image instruction JSONL file(s) -> (list of ImageExample, DataReport). Images are
     opened here once (a missing or broken image is a bad line)."""
-    report = report if report is not None else DataReport()
-    examples = []
-    for path in [paths] if isinstance(paths, (str, Path)) else paths:
-        with open(path, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                report.num_lines += 1
-                try:
-                    try:
-                        record = json.loads(raw.decode("utf-8"))
-                    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                        raise _BadRecord(f"invalid JSON or UTF-8 ({error})") from None
-                    domain, messages, image = parse_image_record(record, Path(path).parent, placeholder)
-                    _open_image(Path(image))
-                except _BadRecord as error:
-                    bad = BadLine(str(path), number, str(error))
-                    if strict:
-                        raise DataError(f"bad data line {bad} (strict=True)") from None
-                    report.bad_lines.append(bad)
-                    continue
-                examples.append(ImageExample(domain, messages, image, str(path), number))
-    return examples, report
+
+    def parse(raw: bytes, path: Path, number: int) -> ImageExample:
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise _BadRecord(f"invalid JSON or UTF-8 ({error})") from None
+        domain, messages, image = parse_image_record(record, path.parent, placeholder)
+        _open_image(Path(image))
+        return ImageExample(domain, messages, image, str(path), number)
+
+    return read_jsonl(paths, strict, report, parse=parse)
 
 
 class MultimodalDataset:
