@@ -117,12 +117,44 @@ def _layer_index(global_path: str) -> Optional[int]:
 
 
 # ---------------------------------------------------------------- apply
+def is_multimodal(model: nn.Module) -> bool:
+    """A vision-language model (Megatron's LLaVAModel): a ``language_model`` beside a vision part."""
+    return hasattr(model, "language_model") and hasattr(model, "vision_projection")
+
+
+def _record_combined_padding(model, args, kwargs):
+    """LLaVAModel pre-hook: the padding [b, C] of the combined (image + text) sequence its LM
+    will see (under pipeline parallelism padded to the LM's max length), so that routers
+    leave it out of their statistics and losses as on a GPT base."""
+    ids_BS = kwargs.get("input_ids", args[1] if len(args) > 1 else None)
+    if ids_BS is None:
+        return
+    images_B = (ids_BS == model.image_token_index).sum(-1)
+    length_B = ids_BS.shape[1] + images_B * (model.img_seq_len - 1)
+    padded = int(length_B.max())
+    if model.config.pipeline_model_parallel_size > 1:
+        padded = max(padded, model._language_max_sequence_length)
+    padded = min(padded, model._language_max_sequence_length)
+    positions = torch.arange(padded, device=ids_BS.device)
+    model.language_model.mole_padding_mask = positions.unsqueeze(0) >= length_B.unsqueeze(1)
+
+
 def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLP
 
     if not isinstance(cfg, MoLEConfig):
         raise TypeError(f"apply_mole: cfg must be a MoLEConfig, got {type(cfg).__name__}")
+    if is_multimodal(model):
+        # LLaVA-MoLE: adapters on the language model's blocks only (names as on a GPT base);
+        # the vision tower and the projector are frozen (set_projector_trainable reopens it).
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if model.language_model is not None:
+            apply_mole(model.language_model, cfg)
+            model.register_forward_pre_hook(_record_combined_padding, with_kwargs=True)
+        model.mole_config = cfg
+        return model
     if any(isinstance(m, AdapterWrapper) for m in model.modules()):
         raise ValueError("apply_mole: the model already has adapters")
     check_model(model)  # a HybridModel needs a pattern with a GPT equivalent
@@ -361,3 +393,57 @@ def update_global_balance(model) -> None:
                                                   router.balance_fraction.float()))
         router._balance_sum.zero_()
         router._balance_n.zero_()
+
+
+# ---------------------------------------------------------------- multimodal: the projector
+def set_projector_trainable(model, trainable: bool = True) -> List[nn.Parameter]:
+    """Make a LLaVAModel's vision projector trainable (or frozen again); returns its parameters
+    on this rank (none on later pipeline stages, which do not hold it)."""
+    params = []
+    for chunk in _chunks(model):
+        projection = getattr(chunk, "vision_projection", None)
+        if projection is not None:
+            for p in projection.parameters():
+                p.requires_grad_(trainable)
+                params.append(p)
+    return params
+
+
+def projector_state_dict(model) -> Dict[str, torch.Tensor]:
+    """The projector's full tensors (gathered over TP; CPU) under Megatron names, on every rank."""
+    from megatron.core import parallel_state as ps
+
+    local = {}
+    for chunk in _chunks(model):
+        projection = getattr(chunk, "vision_projection", None)
+        if projection is None:
+            continue
+        for name, p in projection.named_parameters():
+            value = p.detach()
+            if getattr(p, "tensor_model_parallel", False) and ps.get_tensor_model_parallel_world_size() > 1:
+                parts = [torch.empty_like(value) for _ in range(ps.get_tensor_model_parallel_world_size())]
+                torch.distributed.all_gather(parts, value.contiguous(), group=ps.get_tensor_model_parallel_group())
+                value = torch.cat(parts, dim=p.partition_dim)
+            # A Parrot-wrapped projector keeps the projector as ``base`` (and the MoE beside it).
+            if name.startswith("moe."):
+                continue
+            local["vision_projection." + name.removeprefix("base.")] = value.cpu()
+    merged = {}
+    for part in _gather_over_pp(local):
+        merged.update(part)
+    return merged
+
+
+def parrot_state_dict(model) -> Dict[str, torch.Tensor]:
+    """Parrot's MoE tensors (replicated; CPU) under ``parrot.<name>``, on every rank (empty without Parrot)."""
+    from megatron_mole.layers.parrot import parrot_module
+
+    local = {}
+    for chunk in _chunks(model):
+        wrapper = parrot_module(chunk)
+        if wrapper is not None:
+            local.update({f"parrot.{k}": v.detach().cpu() for k, v in wrapper.moe.state_dict().items()})
+    merged = {}
+    for part in _gather_over_pp(local):
+        merged.update(part)
+    return merged

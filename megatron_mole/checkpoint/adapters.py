@@ -119,6 +119,10 @@ def _weight_rules(spec: dict) -> Dict[str, keymaps.RuleInstance]:
     """Megatron parameter name -> its rule instance, for every layer of the base."""
     from megatron_mole.checkpoint.convert import rule_instances
 
+    if spec.get("architecture") == "llava":
+        from megatron_mole.checkpoint.llava import adapter_rule_instances
+
+        return {name: inst for inst in adapter_rule_instances(spec) for name in inst.mcore}
     layout = (spec.get("hf") or {}).get("expert_layout", "per_expert")
     return {name: inst for inst in rule_instances(spec, layout) for name in inst.mcore}
 

@@ -110,7 +110,25 @@ def _vocab_to_hf(mc, ctx):
     return [table_VpH[: ctx["hf_vocab_size"]]]
 
 
+def _vision_ctx(ctx):
+    # A CLIP tower is multi-head (one query per group); its sizes sit beside the LM's.
+    heads = ctx["vision_heads"]
+    return {"num_query_groups": heads, "num_attention_heads": heads, "kv_channels": ctx["vision_head_dim"]}
+
+
+def _class_token_to_mcore(hf, ctx):
+    (token_D,) = hf  # HF's class_embedding [D]; Megatron's class_token [1, 1, D]
+    return [token_D.reshape(1, 1, -1)]
+
+
+def _class_token_to_hf(mc, ctx):
+    (token_11D,) = mc
+    return [token_11D.reshape(-1)]
+
+
 OPS: Dict[str, Tuple[Callable, Callable]] = {
+    "vision_qkv": (lambda hf, ctx: _qkv_to_mcore(hf, _vision_ctx(ctx)), lambda mc, ctx: _qkv_to_hf(mc, _vision_ctx(ctx))),
+    "class_token": (_class_token_to_mcore, _class_token_to_hf),
     "copy": (_copy_to_mcore, _copy_to_mcore),
     "qkv": (_qkv_to_mcore, _qkv_to_hf),
     "concat": (_concat_to_mcore, _concat_to_hf),

@@ -212,6 +212,10 @@ def load_mole_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
             _wrap_mlp(model, group, cfg, tensors, adapter_dir, hidden_act)
         else:
             _wrap_linears(model, group, cfg, tensors, adapter_dir)
+    if config.get("multimodal"):  # a LLaVA base: trained projector, Parrot (hf/multimodal.py)
+        from megatron_mole.hf.multimodal import load_multimodal
+
+        load_multimodal(model, adapter_dir, config["multimodal"])
     for p in model.parameters():
         p.requires_grad_(False)
     model.mole_adapter_config = config

@@ -210,12 +210,17 @@ def add_arguments(parser):
     parser.add_argument("--max-steps", type=int, default=150, help="training steps")
     parser.add_argument("--save-interval", type=int, default=50, help="steps between checkpoints")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--base", choices=BASES, default="llama",
+    parser.add_argument("--base", choices=BASES + ("llava",), default="llama",
                         help="llama: MoLE on a tiny Llama (default); mixtral: PERFT-R on a tiny Mixtral-style "
-                             "MoE base (4 experts, top-2)")
+                             "MoE base (4 experts, top-2); llava: a tiny vision-language base with MoLE + "
+                             "Parrot (training/llava_quickstart.py)")
 
 
 def run(args) -> int:
+    if getattr(args, "base", "llama") == "llava":
+        from megatron_mole.training.llava_quickstart import run as run_llava
+
+        return run_llava(args)
     import yaml
 
     if args.max_steps < 1 or args.save_interval < 0:
