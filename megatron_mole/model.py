@@ -117,7 +117,7 @@ def _layer_index(global_path: str) -> Optional[int]:
 
 
 # ---------------------------------------------------------------- apply
-def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
+def apply_mole(model: nn.Module, cfg: MoLEConfig, options=None) -> nn.Module:
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLP
 
@@ -125,6 +125,9 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
         raise TypeError(f"apply_mole: cfg must be a MoLEConfig, got {type(cfg).__name__}")
     if any(isinstance(m, AdapterWrapper) for m in model.modules()):
         raise ValueError("apply_mole: the model already has adapters")
+    method = METHODS[cfg.method]
+    if method.apply_model is not None:  # a whole-model method (factorllm): its own options
+        return method.apply_model(model, cfg, options)
     check_model(model)  # a HybridModel needs a pattern with a GPT equivalent
     method = METHODS[cfg.method]
     method.check(cfg)
