@@ -42,12 +42,12 @@ from typing import Dict
 import torch
 
 from megatron_mole.checkpoint.convert import _barrier, shared_output_dir
-from megatron_mole.checkpoint.hf_io import copy_side_files, dtype_from_name
+from megatron_mole.checkpoint.hf_io import copy_side_files, dtype_from_name, dtype_name
 from megatron_mole.checkpoint.mcore import DIST_DIR, HF_DIR, SPEC_NAME, build_model, conversion_runtime, \
     load_model, read_spec
 from megatron_mole.errors import CheckpointError, ConfigError
 
-__all__ = ["factorize", "factorised_spec", "neuron_split", "SPLITS", "add_arguments", "run"]
+__all__ = ["factorize", "factorised_spec", "neuron_split", "save_model", "SPLITS", "add_arguments", "run"]
 
 SPLITS = ("contiguous", "clustered")
 CLUSTER_ITERS = 20
@@ -200,6 +200,32 @@ def factorize(mcore_dir: str, out_dir: str, num_experts: int, top_k: int | None 
                 json.dump(new_spec, f, indent=2)
                 f.write("\n")
     return new_spec
+
+
+def save_model(chunks, base_dir: str, out_dir: str) -> None:
+    """Collective (every rank): write a trained factorised model (its chunks at any layout) as a
+    converted checkpoint beside its base's spec and Hugging Face files; atomic, replaces ``out_dir``."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_mole import runtime
+
+    info = runtime.get_runtime()
+    spec = read_spec(base_dir)
+    spec["params_dtype"] = dtype_name(next(chunks[0].parameters()).dtype)
+    spec["factorllm"]["trained_from"] = os.path.abspath(base_dir)
+    with shared_output_dir(out_dir, True, info) as tmp:
+        if info.rank == 0:
+            os.makedirs(os.path.join(tmp, DIST_DIR))
+        _barrier(info)
+        dist_checkpointing.save({f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)},
+                                os.path.join(tmp, DIST_DIR))
+        if info.rank == 0:
+            src = os.path.join(base_dir, HF_DIR)
+            if os.path.isdir(src):
+                copy_side_files(src, os.path.join(tmp, HF_DIR))
+            with open(os.path.join(tmp, SPEC_NAME), "w") as f:
+                json.dump(spec, f, indent=2)
+                f.write("\n")
 
 
 def add_arguments(parser) -> None:

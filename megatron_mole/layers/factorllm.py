@@ -23,12 +23,12 @@ any PP, EP and DP.
 Legend: T tokens, D hidden, N experts, n local experts, m neurons per expert.
 """
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from megatron_mole.errors import ConfigError
-from megatron_mole.layers.context import routing_context
+from megatron_mole.layers.context import install_context_hooks, routing_context
 from megatron_mole.layers.specs import Method, register_method
 from megatron_mole.routing import AUX_LOSS_TRACKER
 from megatron_mole.routing import factorllm as F
@@ -81,10 +81,13 @@ def factorllm_layer_spec(layer_spec):
     return layer_spec
 
 
-def moe_layers(model) -> List[torch.nn.Module]:
+def moe_layers(model) -> List[Tuple[int, torch.nn.Module]]:
+    """(global 0-based layer number, MoELayer) of every FactorLLM layer of a model chunk."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    return [m for m in model.modules() if isinstance(m, MoELayer) and isinstance(m.router, router_class())]
+    return [(int(m.layer_number) - 1, m.mlp) for m in model.modules()
+            if isinstance(getattr(m, "mlp", None), MoELayer) and hasattr(m, "layer_number")
+            and isinstance(m.mlp.router, router_class())]
 
 
 @dataclass
@@ -141,10 +144,10 @@ class _Teacher:
 class _PAHook:
     """Forward hook of one MoELayer: attaches the PA and balance losses while training."""
 
-    def __init__(self, moe, options: FactorLLMOptions, name: str):
-        self.moe, self.options, self.name = moe, options, name
+    def __init__(self, moe, options: FactorLLMOptions, layer: int):
+        self.moe, self.options, self.layer = moe, options, layer
+        self.name = f"decoder.layers.{layer}.mlp"
         self.teacher = _Teacher(moe)
-        self.layer = None if moe.layer_number is None else moe.layer_number - 1
 
     def errors(self, x_TD):
         """Per-expert errors [T, N] of this rank's tokens (all experts, no gradient)."""
@@ -164,7 +167,8 @@ class _PAHook:
             return output
         hidden = args[0] if args else kwargs["hidden_states"]
         x_TD = hidden.reshape(-1, hidden.shape[-1])
-        ctx = routing_context(hidden.shape, self.layer, True, kwargs.get("padding_mask"))
+        # padding from the model's forward (install_context_hooks), as for the MoLE routers
+        ctx = routing_context(hidden.shape, self.layer, True)
         router = module.router
         logits_TN = F.router_logits(x_TD, router.weight, router.bias)
         errors_TN = self.errors(x_TD)
@@ -196,15 +200,15 @@ def apply_factorllm(model, options: Optional[FactorLLMOptions] = None):
                           f"use pp, ep and data parallelism")
     for p in model.parameters():
         p.requires_grad_(False)
+    install_context_hooks(model)
     handles = []
-    for moe in layers:
+    for layer, moe in layers:
         for p in moe.router.parameters():
             p.requires_grad_(True)
         if options.trainable == "experts+routers":
             for p in moe.experts.parameters():
                 p.requires_grad_(True)
-        name = f"decoder.layers.{moe.layer_number - 1}.mlp"
-        handles.append(moe.register_forward_hook(_PAHook(moe, options, name), with_kwargs=True))
+        handles.append(moe.register_forward_hook(_PAHook(moe, options, layer), with_kwargs=True))
     return handles
 
 
