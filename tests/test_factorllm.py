@@ -153,6 +153,15 @@ def _job(work):
     out["moved"] = moved
     # the saved model: a converted checkpoint holding the trained routers, no teacher
     saved = load_model(str(work / "save_pa" / "model_step_2"))
+    # export to Hugging Face (our module in a Llama: hf/factorllm.py) and verify it against Megatron at EP2
+    from megatron_mole.checkpoint import verify
+    from megatron_mole.checkpoint.convert import mcore_to_hf
+    from megatron_mole.cli import main
+
+    mcore_to_hf(str(work / "save_pa" / "model_step_2"), str(work / "trained_hf"))
+    out["verify"] = {d: verify.compare_logits(str(work / "trained_hf"), str(work / "save_pa" / "model_step_2"),
+                                              ep=2, seq=8, dtype=d)["max_rel"] for d in ("float64", "float32")}
+    out["cli_status"] = main(["factorize", "--mcore", mcore, "--out", str(work / "bad"), "--experts", "5"])
     routers = {n: p for n, p in saved.named_parameters() if ".router." in n}
     out["saved_router_equal"] = len(routers) == 4 and all(torch.equal(p, trained["pa"][n]) for n, p in routers.items())
     out["saved_names"] = sorted(saved.state_dict())
@@ -174,6 +183,7 @@ def test_factorisation_with_all_experts_equals_dense(launched):
 
 def test_factorize_refuses_bad_input(launched):
     errors = launched["errors"]
+    assert launched["cli_status"] == 2
     assert "--experts=3 does not divide" in errors["divides"] and "ffn_hidden_size=176" in errors["divides"]
     assert "nope" in errors["missing"]
     assert "already factorised" in errors["moe"]
@@ -197,3 +207,8 @@ def test_router_learns_from_the_pa_loss_alone(launched):
     assert launched["trainable_pa"] and all(".router." in n for n in launched["trainable_pa"])
     assert launched["saved_router_equal"]
     assert not any("teacher" in n or "dense" in n for n in launched["saved_names"])
+
+
+def test_export_runs_in_transformers_and_verifies(launched):
+    assert launched["verify"]["float64"] < 1e-10
+    assert launched["verify"]["float32"] < 1e-4

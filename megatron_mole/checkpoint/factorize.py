@@ -50,6 +50,7 @@ from megatron_mole.errors import CheckpointError, ConfigError
 __all__ = ["factorize", "factorised_spec", "neuron_split", "save_model", "SPLITS", "add_arguments", "run"]
 
 SPLITS = ("contiguous", "clustered")
+HF_WEIGHTS = "model.safetensors"
 CLUSTER_ITERS = 20
 
 
@@ -87,7 +88,38 @@ def factorised_spec(spec: Dict, num_experts: int, top_k: int, split: str, seed: 
     out["shapes"]["num_experts"] = num_experts
     out["factorllm"] = {"num_experts": num_experts, "top_k": top_k, "split": split, "seed": seed,
                         "dense_ffn_hidden_size": ffn, "output_scale": num_experts / top_k}
+    if out.get("hf"):  # what `convert mcore-to-hf` writes: one file of the factorised tensors
+        from megatron_mole.checkpoint.convert import rule_instances
+
+        keys = [k for inst in rule_instances(out, "per_expert") for k in inst.hf]
+        out["hf"].update(weight_map={k: HF_WEIGHTS for k in keys}, indexed=False, index_metadata=None,
+                         dtypes={k: spec["params_dtype"] for k in keys}, expert_layout="per_expert")
     return out
+
+
+def hf_config(config: Dict, fl: Dict) -> Dict:
+    """The Hugging Face config.json of a factorised model: the dense base's, plus a
+    ``factorllm`` section that ``megatron_mole.hf.load_factorllm`` reads."""
+    config = dict(config)
+    config["factorllm"] = {"num_experts": fl["num_experts"], "top_k": fl["top_k"],
+                           "expert_intermediate_size": fl["dense_ffn_hidden_size"] // fl["num_experts"],
+                           "split": fl["split"]}
+    return config
+
+
+def _write_side_files(src_dir: str, dst_dir: str, fl: Dict) -> None:
+    src = os.path.join(src_dir, HF_DIR)
+    if not os.path.isdir(src):
+        return
+    dst = os.path.join(dst_dir, HF_DIR)
+    copy_side_files(src, dst)
+    path = os.path.join(dst, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            config = hf_config(json.load(f), fl)
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
 
 
 def _unit_rows(w: torch.Tensor) -> torch.Tensor:
@@ -193,9 +225,7 @@ def factorize(mcore_dir: str, out_dir: str, num_experts: int, top_k: int | None 
         _barrier(info)
         dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, DIST_DIR))
         if info.rank == 0:
-            src = os.path.join(mcore_dir, HF_DIR)
-            if os.path.isdir(src):
-                copy_side_files(src, os.path.join(tmp, HF_DIR))
+            _write_side_files(mcore_dir, tmp, new_spec["factorllm"])
             with open(os.path.join(tmp, SPEC_NAME), "w") as f:
                 json.dump(new_spec, f, indent=2)
                 f.write("\n")
@@ -221,7 +251,7 @@ def save_model(chunks, base_dir: str, out_dir: str) -> None:
                                 os.path.join(tmp, DIST_DIR))
         if info.rank == 0:
             src = os.path.join(base_dir, HF_DIR)
-            if os.path.isdir(src):
+            if os.path.isdir(src):  # already the factorised config
                 copy_side_files(src, os.path.join(tmp, HF_DIR))
             with open(os.path.join(tmp, SPEC_NAME), "w") as f:
                 json.dump(spec, f, indent=2)

@@ -54,7 +54,7 @@ def router_class():
         def __init__(self, config, pg_collection=None):
             super().__init__(config=config, pg_collection=pg_collection)
             if self.bias is None:
-                self.bias = torch.nn.Parameter(torch.zeros(config.num_moe_experts, dtype=torch.float32,
+                self.bias = torch.nn.Parameter(torch.zeros(config.num_moe_experts, dtype=self.weight.dtype,
                                                            device=self.weight.device))
                 setattr(self.bias, "sequence_parallel", config.sequence_parallel)
             self.scale = F.output_scale(config.num_moe_experts, self.topk)

@@ -31,8 +31,10 @@ from megatron_mole.routing.losses import _valid
 
 
 def router_logits(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias_N: torch.Tensor) -> torch.Tensor:
-    """fp32 ``x W^T + b`` (selection must not flip with the compute precision)."""
-    return torch.nn.functional.linear(x_TD.float(), weight_ND.float(), bias_N.float())
+    """``x W^T + b`` in fp32 (selection must not flip with the compute precision), or in
+    fp64 for a float64 input (``verify --dtype float64``)."""
+    dtype = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
+    return torch.nn.functional.linear(x_TD.to(dtype), weight_ND.to(dtype), bias_N.to(dtype))
 
 
 def select(logits_TN: torch.Tensor, top_k: int) -> torch.Tensor:
