@@ -102,12 +102,19 @@ def _job(work):
     from megatron_mole.errors import ConfigError
     from megatron_mole.training.loop import Trainer
 
+    import time
+
     work = Path(work)
-    out = {}
+    out = {"t": {}}
+    clock = [time.perf_counter()]
+
+    def lap(name):
+        now = time.perf_counter()
+        out["t"][name], clock[0] = round(now - clock[0], 1), now
+
     mcore = str(work / "mcore")
     factorize(mcore, str(work / "fac"), 4, top_k=2)
-    factorize(mcore, str(work / "all"), 4, top_k=4)
-    factorize(mcore, str(work / "all_clustered"), 4, top_k=4, split="clustered")
+    factorize(mcore, str(work / "clustered"), 4, top_k=2, split="clustered")
     errors = {}
     for name, call in {"divides": lambda: factorize(mcore, str(work / "bad"), 3),
                        "missing": lambda: factorize(str(work / "nope"), str(work / "bad"), 4),
@@ -119,15 +126,21 @@ def _job(work):
         except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
             errors[name] = str(err)
     out["errors"], out["bad_written"] = errors, (work / "bad").exists()
+    lap("factorize")
 
     tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(16)[None].expand(2, 16)
     logits = {}
-    for name in ("mcore", "all", "all_clustered", "fac"):
+    # all 4 experts on (weight N/K = 1): the checkpoints loaded with top-k overridden to 4
+    for name, (directory, overrides) in {"mcore": ("mcore", None), "fac": ("fac", None),
+                                         "all": ("fac", {"moe_router_topk": 4}),
+                                         "all_clustered": ("clustered", {"moe_router_topk": 4})}.items():
         with torch.no_grad():
-            logits[name] = load_model(str(work / name)).eval()(tokens, pos, None)
+            model = load_model(str(work / directory), config_overrides=overrides).eval()
+            logits[name] = model(tokens, pos, None)
     scale = float(logits["mcore"].abs().max())
     out["logit_diff"] = {n: float((logits[n] - logits["mcore"]).abs().max()) / scale for n in logits}
+    lap("logits")
 
     losses = {}
     for name, layout in {"EP1": {}, "EP2": {"parallel__ep": 2}, "PP2": {"parallel__pp": 2}}.items():
@@ -137,11 +150,12 @@ def _job(work):
         if name == "EP1":
             out["aux"] = result.records[-1]["aux"]
     out["losses"] = losses
+    lap("train_layouts")
     # routers only, PA loss alone (no balance loss): the routers move; with no PA loss they do not
     moved, trained = {}, {}
     for name, coeff in {"pa": 0.05, "none": 0.0}.items():
         cfg = _train_cfg(work, factorllm__trainable="routers", factorllm__balance_loss_coeff=0.0,
-                         factorllm__pa_loss_coeff=coeff, schedule__max_steps=2,
+                         factorllm__pa_loss_coeff=coeff, schedule__max_steps=2 if coeff else 1,
                          checkpoint__save_dir=str(work / f"save_{name}"))
         trainer = Trainer(cfg)
         before = _routers(trainer)
@@ -151,6 +165,7 @@ def _job(work):
         moved[name] = max(float((after[n] - before[n]).abs().max()) for n in before)
         out["trainable_" + name] = trainable
     out["moved"] = moved
+    lap("train_routers")
     # the saved model: a converted checkpoint holding the trained routers, no teacher
     saved = load_model(str(work / "save_pa" / "model_step_2"))
     # export to Hugging Face (our module in a Llama: hf/factorllm.py) and verify it against Megatron at EP2
@@ -159,12 +174,13 @@ def _job(work):
     from megatron_mole.cli import main
 
     mcore_to_hf(str(work / "save_pa" / "model_step_2"), str(work / "trained_hf"))
-    out["verify"] = {d: verify.compare_logits(str(work / "trained_hf"), str(work / "save_pa" / "model_step_2"),
-                                              ep=2, seq=8, dtype=d)["max_rel"] for d in ("float64", "float32")}
+    out["verify"] = verify.compare_logits(str(work / "trained_hf"), str(work / "save_pa" / "model_step_2"),
+                                          ep=2, seq=8, dtype="float64")["max_rel"]
     out["cli_status"] = main(["factorize", "--mcore", mcore, "--out", str(work / "bad"), "--experts", "5"])
     routers = {n: p for n, p in saved.named_parameters() if ".router." in n}
     out["saved_router_equal"] = len(routers) == 4 and all(torch.equal(p, trained["pa"][n]) for n, p in routers.items())
     out["saved_names"] = sorted(saved.state_dict())
+    lap("export_verify")
     runtime.shutdown()
     return out
 
@@ -176,6 +192,7 @@ def launched(tiny_train_base):
 
 
 def test_factorisation_with_all_experts_equals_dense(launched):
+    print("phase seconds:", launched["t"])
     diff = launched["logit_diff"]
     assert diff["all"] < 1e-5 and diff["all_clustered"] < 1e-5
     assert diff["fac"] > 1e-2  # top-2 of 4 is another model: the check can fail
@@ -210,5 +227,4 @@ def test_router_learns_from_the_pa_loss_alone(launched):
 
 
 def test_export_runs_in_transformers_and_verifies(launched):
-    assert launched["verify"]["float64"] < 1e-10
-    assert launched["verify"]["float32"] < 1e-4
+    assert launched["verify"] < 1e-10  # float64 on both sides
