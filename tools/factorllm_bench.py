@@ -1,7 +1,7 @@
 """FactorLLM measured: dense vs factorised loss/perplexity before and after router training,
 and forward time at K/N = 1/2 vs dense (README "FactorLLM").
 
-    python tools/factorllm_bench.py --work-dir work_factorllm [--steps 150] [--experts 4]
+    python tools/factorllm_bench.py --work-dir work_factorllm [--steps 60] [--experts 4]
 
 One process, CPU (or the machine's first GPU): builds the quickstart's base (its data,
 tokenizer and tiny Llama pretrained on the texts; ``--hidden``/``--ffn``/``--layers``
@@ -97,7 +97,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default="work_factorllm")
     parser.add_argument("--experts", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=None)
