@@ -129,7 +129,6 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig, options=None) -> nn.Module:
     if method.apply_model is not None:  # a whole-model method (factorllm): its own options
         return method.apply_model(model, cfg, options)
     check_model(model)  # a HybridModel needs a pattern with a GPT equivalent
-    method = METHODS[cfg.method]
     method.check(cfg)
     gpaths = _global_paths(model)
     modules = dict(model.named_modules())
