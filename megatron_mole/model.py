@@ -139,7 +139,7 @@ def _record_combined_padding(model, args, kwargs):
     model.language_model.mole_padding_mask = positions.unsqueeze(0) >= length_B.unsqueeze(1)
 
 
-def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
+def apply_mole(model: nn.Module, cfg: MoLEConfig, options=None) -> nn.Module:
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLP
 
@@ -151,14 +151,16 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(False)
         if model.language_model is not None:
-            apply_mole(model.language_model, cfg)
+            apply_mole(model.language_model, cfg, options)
             model.register_forward_pre_hook(_record_combined_padding, with_kwargs=True)
         model.mole_config = cfg
         return model
     if any(isinstance(m, AdapterWrapper) for m in model.modules()):
         raise ValueError("apply_mole: the model already has adapters")
-    check_model(model)  # a HybridModel needs a pattern with a GPT equivalent
     method = METHODS[cfg.method]
+    if method.apply_model is not None:  # a whole-model method (factorllm): its own options
+        return method.apply_model(model, cfg, options)
+    check_model(model)  # a HybridModel needs a pattern with a GPT equivalent
     method.check(cfg)
     gpaths = _global_paths(model)
     modules = dict(model.named_modules())

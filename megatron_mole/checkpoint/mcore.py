@@ -140,6 +140,13 @@ def build_model(
             moe_grouped_gemm=bool(fields.get("moe_grouped_gemm", False)),
             normalization="RMSNorm",
         )
+    if spec.get("factorllm"):
+        # A factorised dense base (checkpoint/factorize.py): Megatron's MoE layer, FactorLLM's router.
+        if model != "gpt":
+            raise CheckpointError(f"a FactorLLM checkpoint builds model='gpt' only (got {model!r})")
+        from megatron_mole.layers.factorllm import factorllm_layer_spec
+
+        layer_spec = factorllm_layer_spec(layer_spec)
     gpt = dict(spec["gpt"])
     stages = dict(pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
                   post_process=ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),

@@ -100,7 +100,12 @@ def hf_logits(hf_dir: str, tokens_BS: torch.Tensor, adapter: str = None, dtype=t
 
     # torch's grouped matmul (transformers' default for MoE experts) has no float64 kernel.
     extra = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, **extra).to(tokens_BS.device)
+    from megatron_mole.hf.factorllm import is_factorllm_dir, load_factorllm
+
+    if is_factorllm_dir(hf_dir):  # no transformers architecture computes it: our module (hf/factorllm.py)
+        model = load_factorllm(hf_dir, dtype=dtype).to(tokens_BS.device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, **extra).to(tokens_BS.device)
     narrow_weights(model, dtype, narrow_to)
     if adapter is not None:
         from megatron_mole.hf import load_mole_adapter

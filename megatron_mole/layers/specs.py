@@ -168,6 +168,9 @@ class Method:
 
     name: str = "?"
     adapts_moe_experts = False
+    # A method that is not a walk over linears (e.g. "factorllm") defines
+    # ``apply_model(model, cfg, options) -> model``; ``apply_mole`` then calls only that.
+    apply_model = None
     moe_kind: Optional[str] = None
 
     def check(self, cfg) -> None:

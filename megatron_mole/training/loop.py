@@ -173,8 +173,9 @@ class Trainer:
                                    config_overrides=_base_overrides(cfg), device=self.device,
                                    model=cfg.base.model)
         self.mole_config = mm.MoLEConfig(**cfg.mole)
+        self.factorllm = self.mole_config.method == "factorllm"
         for chunk in chunks:
-            mm.apply_mole(chunk, self.mole_config)
+            mm.apply_mole(chunk, self.mole_config, options=cfg.factorllm if self.factorllm else None)
         # The adapters enter the model before the optimizer copies them (its fp32 main params under
         # bf16): loaded later, the optimizer's first step would write its stale copies back.
         self.checkpoint = self._read_checkpoint()
@@ -216,6 +217,9 @@ class Trainer:
         ck = self.cfg.checkpoint
         if ck.load_dir is None:
             return None
+        if self.factorllm:
+            raise ckpt_io.CheckpointError("method 'factorllm' does not resume from a training checkpoint; train "
+                                          "from a saved model instead (base.checkpoint: SAVE_DIR/model_step_N)")
         checkpoint = ckpt_io.load_checkpoint(ck.load_dir, ck.load_step)
         shared = checkpoint.shared
         if shared is None or "adapters" not in shared:
@@ -259,6 +263,8 @@ class Trainer:
         from megatron_mole.model import adapter_state_dict
 
         ck = self.cfg.checkpoint
+        if self.factorllm:
+            return self._save_factorllm()
         shared, rank_payload = ckpt_io.training_payloads(
             step=self.step, adapters=adapter_state_dict(self.model), scheduler_state=self.scheduler.state_dict(),
             sampler_state=self.loader.state_dict(), base=self.base_ref, layout=self.layout,
@@ -271,6 +277,16 @@ class Trainer:
             ck.save_dir, self.step, rank_payload, shared_payload=shared, rank=self.rank,
             world_size=self.info.world_size, barrier=barrier, keep_last=ck.keep_last,
             collective=lambda directory: optim_state.save_optimizer_state(self.optimizer, self.model, directory))
+
+    def _save_factorllm(self) -> Path:
+        """FactorLLM trains the model's own experts and routers: save the model as a converted
+        checkpoint ``save_dir/model_step_N`` (atomic; the frozen dense teacher is not part of
+        the model, so it is not saved), loadable by ``load_model``, ``train`` and ``verify``."""
+        from megatron_mole.checkpoint.factorize import save_model
+
+        out = Path(self.cfg.checkpoint.save_dir) / f"model_step_{self.step}"
+        save_model([ddp.module for ddp in self.model], self.cfg.base.checkpoint, str(out))
+        return out
 
     # ------------------------------------------------------------------ one step
     def _forward_step(self, scale, data_iterator, model_chunk):
