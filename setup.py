@@ -20,6 +20,8 @@ setup(
         "pyyaml",
         "tqdm",
         "numpy",
+        # images of the multimodal (LLaVA) data and quickstart, through the base's image processor
+        "pillow",
     ],
     extras_require={
         "test": ["pytest", "peft", "datasets"],

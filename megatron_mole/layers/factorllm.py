@@ -51,8 +51,8 @@ def router_class():
         """TopKRouter with a bias and FactorLLM's selection: probs are N/K on the top-K
         experts of ``W x + b`` (fp32), 0 elsewhere. No Megatron aux loss is applied."""
 
-        def __init__(self, config, pg_collection=None):
-            super().__init__(config=config, pg_collection=pg_collection)
+        def __init__(self, config, pg_collection=None, **kwargs):  # 0.19 adds is_mtp_layer=
+            super().__init__(config=config, pg_collection=pg_collection, **kwargs)
             if self.bias is None:
                 self.bias = torch.nn.Parameter(torch.zeros(config.num_moe_experts, dtype=self.weight.dtype,
                                                            device=self.weight.device))
@@ -74,10 +74,12 @@ def router_class():
 
 def factorllm_layer_spec(layer_spec):
     """``layer_spec`` (Megatron's local MoE layer spec) with FactorLLMRouter as its router."""
-    mlp = layer_spec.submodules.mlp
-    if not hasattr(mlp.submodules, "router"):
+    from megatron_mole.runtime.compat import spec_submodules
+
+    moe = spec_submodules(layer_spec.submodules.mlp)
+    if not hasattr(moe, "router"):
         raise RuntimeError("this megatron-core's MoESubmodules has no 'router' field; FactorLLM needs it")
-    mlp.submodules.router = router_class()
+    moe.router = router_class()
     return layer_spec
 
 

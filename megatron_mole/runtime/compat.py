@@ -30,6 +30,7 @@ __all__ = [
     "version_tuple",
     "have_transformer_engine",
     "local_mlp_submodules",
+    "spec_submodules",
     "hybrid_unavailable_reason",
     "build_hybrid_model",
     "prime_checkpoint_writer",
@@ -62,14 +63,19 @@ def have_transformer_engine() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+def spec_submodules(entry):
+    """The ``submodules`` of a layer-spec entry: a ``ModuleSpec`` (<= 0.18) or, from 0.19, a
+    ``functools.partial(Module, submodules=...)`` (the same object: editing it edits the spec)."""
+    if isinstance(entry, functools.partial):
+        return entry.keywords["submodules"]
+    return entry.submodules
+
+
 def local_mlp_submodules():
     """``MLPSubmodules`` (linear_fc1/linear_fc2 classes) of Megatron's local GPT layer spec."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    mlp = get_gpt_layer_local_spec().submodules.mlp
-    if isinstance(mlp, functools.partial):  # >= 0.19
-        return mlp.keywords["submodules"]
-    return mlp.submodules
+    return spec_submodules(get_gpt_layer_local_spec().submodules.mlp)
 
 
 def hybrid_unavailable_reason() -> Optional[str]:
