@@ -20,6 +20,8 @@ setup(
         "pyyaml",
         "tqdm",
         "numpy",
+        # images of the multimodal (LLaVA) data and quickstart, through the base's image processor
+        "pillow",
         "matplotlib",  # megatron-mole analyze plots
     ],
     extras_require={

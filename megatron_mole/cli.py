@@ -35,6 +35,7 @@ TOOLS_DIR = PACKAGE_DIR.parent / "tools"
 SUBCOMMANDS = {
     "smoke": ("tools.smoke", "CPU/GPU smoke run of a tiny Megatron GPT (forward+backward)"),
     "convert": ("megatron_mole.checkpoint.cli", "convert base checkpoints Hugging Face <-> Megatron-core"),
+    "factorize": ("megatron_mole.checkpoint.factorize", "FactorLLM: split a dense base's MLPs into routed experts"),
     "verify": ("megatron_mole.checkpoint.verify", "compare Megatron and transformers logits (fp32)"),
     "export": ("megatron_mole.checkpoint.export_cli", "export trained adapters for Hugging Face"),
     "preprocess": ("megatron_mole.training.preprocess", "tokenise instruction data once into an indexed dataset"),

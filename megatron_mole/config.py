@@ -29,9 +29,10 @@ from megatron_mole.errors import ConfigError
 EXPERT_SCOPES = ("mlp", "linear")
 LORA_B_INITS = ("zeros", "random")
 BALANCE_SCOPES = ("global", "micro_batch")
-# Method names MoLEConfig accepts: the built-in ones, plus every name registered with
-# megatron_mole.layers.register_method (which adds it here; the classes live in layers/)
-METHOD_NAMES = {"mole", "ceft"}  # built in: layers/methods.py
+# Method names MoLEConfig accepts: the built-in ones (MoLE, PERFT for MoE bases, FactorLLM, CEFT), plus
+# every name registered with megatron_mole.layers.register_method (which adds it here; the
+# classes live in layers/)
+METHOD_NAMES = {"mole", "perft-s", "perft-d", "perft-r", "perft-e", "factorllm", "ceft"}
 DISPATCH_MODES = ("auto", "local", "alltoall", "replicated")
 
 

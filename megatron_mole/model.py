@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from megatron_mole.config import MoLEConfig
+from megatron_mole.errors import ConfigError
 from megatron_mole.layers import METHODS
 from megatron_mole.layers.base import AdapterWrapper
 from megatron_mole.layers.context import install_context_hooks
@@ -142,15 +143,51 @@ def _layer_index(global_path: str) -> Optional[int]:
 
 
 # ---------------------------------------------------------------- apply
-def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
+def is_multimodal(model: nn.Module) -> bool:
+    """A vision-language model (Megatron's LLaVAModel): a ``language_model`` beside a vision part."""
+    return hasattr(model, "language_model") and hasattr(model, "vision_projection")
+
+
+def _record_combined_padding(model, args, kwargs):
+    """LLaVAModel pre-hook: the padding [b, C] of the combined (image + text) sequence its LM
+    will see (under pipeline parallelism padded to the LM's max length), so that routers
+    leave it out of their statistics and losses as on a GPT base."""
+    ids_BS = kwargs.get("input_ids", args[1] if len(args) > 1 else None)
+    if ids_BS is None:
+        return
+    images_B = (ids_BS == model.image_token_index).sum(-1)
+    length_B = ids_BS.shape[1] + images_B * (model.img_seq_len - 1)
+    padded = int(length_B.max())
+    if model.config.pipeline_model_parallel_size > 1:
+        padded = max(padded, model._language_max_sequence_length)
+    padded = min(padded, model._language_max_sequence_length)
+    positions = torch.arange(padded, device=ids_BS.device)
+    model.language_model.mole_padding_mask = positions.unsqueeze(0) >= length_B.unsqueeze(1)
+
+
+def apply_mole(model: nn.Module, cfg: MoLEConfig, options=None) -> nn.Module:
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLP
 
     if not isinstance(cfg, MoLEConfig):
         raise TypeError(f"apply_mole: cfg must be a MoLEConfig, got {type(cfg).__name__}")
+    if is_multimodal(model):
+        # LLaVA-MoLE: adapters on the language model's blocks only (names as on a GPT base);
+        # the vision tower and the projector are frozen (set_projector_trainable reopens it).
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if model.language_model is not None:
+            apply_mole(model.language_model, cfg, options)
+            model.register_forward_pre_hook(_record_combined_padding, with_kwargs=True)
+        model.mole_config = cfg
+        return model
     if any(isinstance(m, AdapterWrapper) for m in model.modules()):
         raise ValueError("apply_mole: the model already has adapters")
+    method = METHODS[cfg.method]
+    if method.apply_model is not None:  # a whole-model method (factorllm): its own options
+        return method.apply_model(model, cfg, options)
     check_model(model)  # a HybridModel needs a pattern with a GPT equivalent
+    method.check(cfg)
     gpaths = _global_paths(model)
     modules = dict(model.named_modules())
     hits = {p: [] for p in cfg.targets}
@@ -165,15 +202,25 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
                 continue
             in_experts = ".mlp.experts." in f".{gpath}."
             in_shared = ".shared_experts." in f".{gpath}."
-            if in_experts and METHODS[cfg.method].adapts_moe_experts:
-                _check_expert_layout(gpath)
-            elif in_experts or (in_shared and cfg.expert_scope == "mlp"):
+            if in_experts and method.adapts_moe_experts:  # PERFT: the whole MoE block is one unit;
+                if method.moe_kind is None:  # CEFT: one adapter per expert linear
+                    _check_expert_layout(gpath)
+                hits[pattern].append(path)
+                continue
+            if in_shared and method.adapts_moe_experts:
+                if "." not in pattern:  # the block's adapter covers its shared experts too
+                    continue
+                raise ConfigError(f"target {pattern!r} matches {gpath!r}, inside an MoE shared expert: method "
+                                  f"{cfg.method!r} adapts whole MoE blocks (name the routed experts' "
+                                  f"linear_fc1/linear_fc2)")
+            if in_experts or (in_shared and cfg.expert_scope == "mlp"):
                 if "." not in pattern:  # bare names skip what "mole" cannot adapt
                     continue
                 raise NotImplementedError(
                     f"target {pattern!r} matches {gpath!r}, inside an MoE "
                     f"{'shared expert' if in_shared else 'routed expert'}: not supported by "
-                    f"method 'mole'{' with expert_scope=mlp' if in_shared else ''}")
+                    f"method 'mole'{' with expert_scope=mlp' if in_shared else ''}"
+                    f"{'' if in_shared else ' (the perft-* methods adapt MoE blocks)'}")
             hits[pattern].append(path)
     empty = [p for p, paths in hits.items() if not paths]
     for pattern in empty:
@@ -189,11 +236,13 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
 
     for p in model.parameters():
         p.requires_grad_(False)
-    method = METHODS[cfg.method]
     chosen = sorted({path for paths in hits.values() for path in paths})
     wrappers = []
     mlp_parts: Dict[str, set] = {}
+    moe_blocks = _moe_blocks(chosen, modules, gpaths) if method.moe_kind is not None else {}
     for path in chosen:
+        if any(path.startswith(block + ".experts.") for block in moe_blocks):
+            continue
         parent_path, _, name = path.rpartition(".")
         parent = modules[parent_path]
         kind = kind_of(method.kind_for(cfg, name, isinstance(parent, MLP)))
@@ -209,6 +258,11 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
         wrapper = kind.wrapper(modules[mlp_path], cfg, "linear_fc1" in names, "linear_fc2" in names)
         setattr(modules[grand_path], name, wrapper)
         wrappers.append((wrapper, gpaths[mlp_path]))
+    for block_path in moe_blocks:
+        grand_path, _, name = block_path.rpartition(".")
+        wrapper = kind_of(method.moe_kind).wrapper(modules[block_path], cfg)
+        setattr(modules[grand_path], name, wrapper)
+        wrappers.append((wrapper, gpaths[block_path]))
     for wrapper, gpath in wrappers:
         wrapper.adapter_prefix = gpath
         wrapper.layer_number = _layer_index(gpath)
@@ -217,6 +271,26 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig) -> nn.Module:
     install_context_hooks(model)
     model.mole_config = cfg
     return model
+
+
+def _moe_blocks(chosen: List[str], modules: Dict[str, nn.Module], gpaths: Dict[str, str]) -> Dict[str, set]:
+    """MoE block path -> names of its expert linears the targets matched. A PERFT method
+    adapts whole blocks: targets that match a linear in some but not all of a block's
+    experts are an error naming the block."""
+    blocks: Dict[str, set] = {}
+    for path in chosen:
+        if ".experts." in path:
+            block, _, rest = path.partition(".experts.")
+            blocks.setdefault(block, set()).add(rest.rsplit(".", 1)[-1])
+    picked = set(chosen)
+    for block, names in blocks.items():
+        for path in modules:
+            if path.startswith(block + ".experts.") and path.rsplit(".", 1)[-1] in names and path not in picked:
+                raise ConfigError(f"MoLEConfig.targets: they match some experts of the MoE block "
+                                  f"{gpaths[block]!r} but not {gpaths[path]!r}; a PERFT method adapts whole "
+                                  f"blocks: name the experts' linears by bare name ({sorted(names)}) or "
+                                  f"'{gpaths[block]}.experts.**'")
+    return blocks
 
 
 def _check_expert_layout(gpath: str) -> None:
@@ -308,6 +382,28 @@ def load_adapter_state_dict(model, sd: Dict[str, torch.Tensor], strict: bool = T
         raise ValueError("load_adapter_state_dict: " + "; ".join(errors))
 
 
+def trainable_summary(model) -> Dict[str, int]:
+    """Trainable adapter parameters per adapter kind, full tensors (unsharded), of the
+    adapters this rank's pipeline stages hold; read from the kinds' specs, no communication."""
+    out: Dict[str, int] = {}
+    for w in adapter_wrappers(model):
+        for t in kind_of(w.kind).tensors(w.cfg, w.unit_dims()):
+            if t.trainable and w.param_of(t.name) is not None:
+                n = 1
+                for size in t.shape:
+                    n *= size
+                out[w.kind] = out.get(w.kind, 0) + n
+    return out
+
+
+def format_trainable_summary(model, method: Optional[str] = None) -> str:
+    """One line: the method and ``trainable_summary``."""
+    counts = trainable_summary(model)
+    method = method or getattr(getattr(model, "mole_config", None), "method", "?")
+    parts = ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
+    return f"adapter: method {method}, trainable parameters {sum(counts.values()):,} ({parts})"
+
+
 def adapter_parameters(model) -> Iterable[nn.Parameter]:
     """The trainable adapter parameters (router state such as the balance fractions excluded)."""
     for w in adapter_wrappers(model):
@@ -343,6 +439,60 @@ def update_global_balance(model) -> None:
                                                   router.balance_fraction.float()))
         router._balance_sum.zero_()
         router._balance_n.zero_()
+
+
+# ---------------------------------------------------------------- multimodal: the projector
+def set_projector_trainable(model, trainable: bool = True) -> List[nn.Parameter]:
+    """Make a LLaVAModel's vision projector trainable (or frozen again); returns its parameters
+    on this rank (none on later pipeline stages, which do not hold it)."""
+    params = []
+    for chunk in _chunks(model):
+        projection = getattr(chunk, "vision_projection", None)
+        if projection is not None:
+            for p in projection.parameters():
+                p.requires_grad_(trainable)
+                params.append(p)
+    return params
+
+
+def projector_state_dict(model) -> Dict[str, torch.Tensor]:
+    """The projector's full tensors (gathered over TP; CPU) under Megatron names, on every rank."""
+    from megatron.core import parallel_state as ps
+
+    local = {}
+    for chunk in _chunks(model):
+        projection = getattr(chunk, "vision_projection", None)
+        if projection is None:
+            continue
+        for name, p in projection.named_parameters():
+            value = p.detach()
+            if getattr(p, "tensor_model_parallel", False) and ps.get_tensor_model_parallel_world_size() > 1:
+                parts = [torch.empty_like(value) for _ in range(ps.get_tensor_model_parallel_world_size())]
+                torch.distributed.all_gather(parts, value.contiguous(), group=ps.get_tensor_model_parallel_group())
+                value = torch.cat(parts, dim=p.partition_dim)
+            # A Parrot-wrapped projector keeps the projector as ``base`` (and the MoE beside it).
+            if name.startswith("moe."):
+                continue
+            local["vision_projection." + name.removeprefix("base.")] = value.cpu()
+    merged = {}
+    for part in _gather_over_pp(local):
+        merged.update(part)
+    return merged
+
+
+def parrot_state_dict(model) -> Dict[str, torch.Tensor]:
+    """Parrot's MoE tensors (replicated; CPU) under ``parrot.<name>``, on every rank (empty without Parrot)."""
+    from megatron_mole.layers.parrot import parrot_module
+
+    local = {}
+    for chunk in _chunks(model):
+        wrapper = parrot_module(chunk)
+        if wrapper is not None:
+            local.update({f"parrot.{k}": v.detach().cpu() for k, v in wrapper.moe.state_dict().items()})
+    merged = {}
+    for part in _gather_over_pp(local):
+        merged.update(part)
+    return merged
 
 
 # ---------------------------------------------------------------- base MoE routers (router tuning)

@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 import queue as queue_lib
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -63,6 +64,9 @@ def _child(rank, world_size, port, fn, args, results, env, logs):
     # test's own stdout/stderr (where pytest captures it).
     os.environ.clear()
     os.environ.update(env)
+    # Its own process group, so that the launcher can end whatever it leaves behind (a rank that
+    # dies mid-save orphans Megatron 0.19's checkpoint-writer Manager, which holds our pipes).
+    os.setpgrp()
     for fd, path in zip((1, 2), logs):
         out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(out, fd)
@@ -149,6 +153,11 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0):
             if p.is_alive():
                 p.kill()
                 p.join()
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # orphans of the rank, if any
+            except (ProcessLookupError, PermissionError):
+                pass
         _replay(logs)
         shutil.rmtree(log_dir, ignore_errors=True)
     return [outcome[r] for r in range(world_size)]

@@ -36,7 +36,7 @@ def test_patch_ranges_per_version():
     assert names("0.19.2") == all_names
     assert names("0.16.1") == [n for n in all_names if n != "hybrid-final-norm"]  # no HybridStack before 0.19
     assert names("0.19.2", "cuda") == [p.name for p in cpu.PATCHES if p.scope == cpu.NO_TE]
-    assert names("0.16.1", "cuda") == ["torch-norm-sequence-parallel", "moe-te-general-gemm"]
+    assert names("0.16.1", "cuda") == ["torch-norm-sequence-parallel", "moe-te-general-gemm", "clip-vit-norm"]
     assert names("0.19.2", "cuda", te=True) == []
     # past a patch's checked range it still applies, with one warning naming it
     patch = dataclasses.replace(cpu.PATCHES[0], name="a-patch-of-this-test")  # not warned about yet

@@ -9,7 +9,8 @@ from megatron_mole.training.memory import GIB, estimate, padded_vocab, shapes_fr
 from megatron_mole.training.train_config import load_train_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-JOBS = [("llama3_8b_mole.yaml", "llama3-8b.config.json"), ("mixtral_8x7b_lora_attn.yaml", "mixtral-8x7b.config.json")]
+JOBS = [("llama3_8b_mole.yaml", "llama3-8b.config.json"), ("mixtral_8x7b_lora_attn.yaml", "mixtral-8x7b.config.json"),
+        ("mixtral_8x7b_perft_r.yaml", "mixtral-8x7b.config.json"), ("mixtral_8x7b_perft_e.yaml", "mixtral-8x7b.config.json")]
 
 
 def _hf_param_count(hf: dict) -> int:

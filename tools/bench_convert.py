@@ -38,7 +38,8 @@ def worker(direction: str, src: str, dst: str, report: str) -> None:
 
     info = conversion_runtime()
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing  # noqa: F401  (imported before the baseline: not the conversion's memory)
+    from megatron.core import dist_checkpointing  # noqa: F401  (imports are start-up, not conversion:
+    import transformers  # noqa: F401                 # imported before the time and memory baselines)
 
     dist.barrier()
     base = _rss()

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_mole.checkpoint import keymaps
+from megatron_mole.layers import ADAPTER_KINDS
 from megatron_mole.checkpoint.hf_io import CheckpointError
 from megatron_mole.hf.format import (
     CONFIG_NAME,
@@ -118,6 +119,10 @@ def _weight_rules(spec: dict) -> Dict[str, keymaps.RuleInstance]:
     """Megatron parameter name -> its rule instance, for every layer of the base."""
     from megatron_mole.checkpoint.convert import rule_instances
 
+    if spec.get("architecture") == "llava":
+        from megatron_mole.checkpoint.llava import adapter_rule_instances
+
+        return {name: inst for inst in adapter_rule_instances(spec) for name in inst.mcore}
     layout = (spec.get("hf") or {}).get("expert_layout", "per_expert")
     return {name: inst for inst in rule_instances(spec, layout) for name in inst.mcore}
 
@@ -127,6 +132,14 @@ def _hf_modules(inst: keymaps.RuleInstance, prefix: str) -> List[str]:
         raise CheckpointError(f"adapted module {prefix!r}: its weight maps to Hugging Face by op {inst.op!r} "
                               f"({list(inst.hf)}), which adapters do not support")
     return [h[: -len(".weight")] for h in inst.hf]
+
+
+def _moe_kind(cfg):
+    """The adapter kind a PERFT method gives MoE blocks (None for other methods)."""
+    from megatron_mole.layers import METHODS
+
+    method = METHODS.get(mole_config(cfg).method)
+    return None if method is None or method.moe_kind is None else ADAPTER_KINDS[method.moe_kind]
 
 
 def plan_groups(sd: Dict[str, torch.Tensor], spec: dict, cfg) -> List[dict]:
@@ -140,10 +153,19 @@ def plan_groups(sd: Dict[str, torch.Tensor], spec: dict, cfg) -> List[dict]:
         prefix, suffix = _split_name(name, suffixes)
         by_prefix.setdefault(prefix, set()).add(suffix)
     groups, in_unit = [], set()
+    moe_kind = _moe_kind(cfg)
     for prefix in sorted(by_prefix):
         found = by_prefix[prefix]
         if f"{prefix}.weight" in rules:
             continue  # a linear: handled below, unless it belongs to an MLP unit
+        router = rules.get(f"{prefix}.router.weight")
+        if moe_kind is not None and router is not None:  # a PERFT unit: the whole MoE block
+            if found != {t.name for t in moe_kind.layout(mole_config(cfg))}:
+                raise CheckpointError(f"adapter tensors {sorted(found)} at the MoE block {prefix!r} are not "
+                                      f"those of {moe_kind.name!r}")
+            gate = _hf_modules(router, f"{prefix}.router")[0]
+            groups.append({"kind": moe_kind.name, "megatron": prefix, "hf": gate.rpartition(".")[0]})
+            continue
         units = [(kind, names) for kind, names in layouts if kind.unit == "mlp" and names.get("") == found]
         fc = {lin: rules.get(f"{prefix}.{lin}.weight") for lin in ("linear_fc1", "linear_fc2")}
         if not units or None in fc.values():

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from megatron_mole.checkpoint import keymaps
+from megatron_mole.checkpoint import keymaps, llava
 from megatron_mole.checkpoint.hf_io import (
     CheckpointError,
     HFCheckpoint,
@@ -57,6 +57,7 @@ from megatron_mole.checkpoint.mcore import (
     conversion_runtime,
 )
 from megatron_mole.checkpoint.spec import check_layout, spec_from_hf_config
+from megatron_mole.runtime import compat
 
 __all__ = ["hf_to_mcore", "mcore_to_hf", "atomic_output_dir", "resolve_dtype"]
 
@@ -96,6 +97,8 @@ def _expert_layout(ckpt: HFCheckpoint, mlp_kind: str) -> str:
 
 def rule_instances(spec, expert_layout):
     """All rule instances in streaming order: embeddings, layer 0..L-1, then the rest."""
+    if llava.is_llava_spec(spec):
+        return llava.llava_rule_instances(spec)
     flags, experts = spec["flags"], spec["shapes"]["num_experts"]
     rules = keymaps.rules_for(spec["mlp_kind"], expert_layout)
     # moe_layer_freq as a list marks dense layers (0) inside an MoE model.
@@ -182,14 +185,19 @@ def hf_to_mcore(
         raise FileExistsError(f"output directory {os.path.abspath(out_dir)} already exists "
                               f"(pass --overwrite to replace it)")
     hf_config = _load_hf_config(hf_dir)
-    spec = spec_from_hf_config(hf_config, tp=tp, vocab_divisor=vocab_divisor)
+    if getattr(hf_config, "model_type", None) == "llava":
+        spec = llava.llava_spec_from_hf_config(hf_config, tp=tp, vocab_divisor=vocab_divisor)
+    else:
+        spec = spec_from_hf_config(hf_config, tp=tp, vocab_divisor=vocab_divisor)
     check_layout(spec, tp, pp, ep)
     from megatron.core import dist_checkpointing
 
     with HFCheckpoint(hf_dir) as ckpt:
         layout = _expert_layout(ckpt, spec["mlp_kind"])
-        spec["flags"]["tied_head_stored"] = not spec["flags"]["untied"] and "lm_head.weight" in ckpt.weight_map
+        head = "language_model.lm_head.weight" if llava.is_llava_spec(spec) else "lm_head.weight"
+        spec["flags"]["tied_head_stored"] = not spec["flags"]["untied"] and head in ckpt.weight_map
         instances = rule_instances(spec, layout)
+        unused = llava.unused_hf_keys(spec, ckpt.keys()) if llava.is_llava_spec(spec) else []
         used = [k for inst in instances for k in inst.hf if k in ckpt.weight_map]
         params_dtype = resolve_dtype(ckpt, used, dtype)
         spec["params_dtype"] = dtype_name(params_dtype)
@@ -198,8 +206,9 @@ def hf_to_mcore(
         with torch.device("meta"):
             model = build_gpt_model(spec, params_dtype)
         params = dict(model.named_parameters())
-        _check_hf_tensors(ckpt, instances, params, spec["shapes"])
+        _check_hf_tensors(ckpt, instances, params, spec["shapes"], unused)
         hf_dtypes = {key: dtype_name(ckpt.dtype(key)) for inst in instances for key in inst.hf}
+        hf_dtypes.update({key: dtype_name(ckpt.dtype(key)) for key in unused})
         units = _units(instances)
         sizes = [sum(ckpt.nbytes(key) for inst in unit for key in inst.hf) for unit in units]
         owners = split_contiguous(sizes, info.world_size)
@@ -221,9 +230,15 @@ def hf_to_mcore(
             if info.rank == 0:
                 os.makedirs(os.path.join(tmp, DIST_DIR))
             _barrier(info)
+            compat.prime_checkpoint_writer()
             dist_checkpointing.save(state, os.path.join(tmp, DIST_DIR))
             if info.rank == 0:
                 copy_side_files(hf_dir, os.path.join(tmp, HF_DIR))
+                if unused:  # tensors the Megatron model has no place for, kept verbatim for export
+                    from safetensors.torch import save_file
+
+                    save_file({key: ckpt.get(key).contiguous() for key in unused},
+                              os.path.join(tmp, llava.UNUSED_NAME))
                 with open(os.path.join(tmp, SPEC_NAME), "w") as f:
                     json.dump(spec, f, indent=2)
                     f.write("\n")
@@ -325,8 +340,9 @@ def shared_output_dir(out_dir: str, overwrite: bool, info):
     dist.barrier()  # the output is in place when any rank returns
 
 
-def _check_hf_tensors(ckpt: HFCheckpoint, instances, params, shapes):
-    """Every needed tensor present with the right shape, no tensor left unused."""
+def _check_hf_tensors(ckpt: HFCheckpoint, instances, params, shapes, unused=()):
+    """Every needed tensor present with the right shape, no tensor left unused (but ``unused``:
+    tensors the model never runs, carried beside the checkpoint)."""
     assigned = set()
     for inst in instances:
         for key, expected in zip(inst.hf, _expected_hf_shapes(inst, params, shapes)):
@@ -340,7 +356,7 @@ def _check_hf_tensors(ckpt: HFCheckpoint, instances, params, shapes):
             if not ckpt.dtype(key).is_floating_point:
                 raise CheckpointError(f"tensor {key!r} in {ckpt.file_of(key)} has non-float dtype {ckpt.dtype(key)}")
         assigned.update(inst.mcore)
-    mapped = {h for inst in instances for h in inst.hf}
+    mapped = {h for inst in instances for h in inst.hf} | set(unused)
     unused = [k for k in ckpt.keys() if k not in mapped and not any(p.search(k) for p in keymaps.IGNORED_HF_KEYS)]
     if unused:
         raise CheckpointError(
@@ -380,11 +396,21 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, overwrite: bool = False) -> Dict:
             by_key[key] = inst
             nbytes[key] = math.prod(shape) * dtype_from_name(hf["dtypes"][key]).itemsize
 
+    unused_path = os.path.join(mcore_dir, llava.UNUSED_NAME)
+    unused = {}
+    if os.path.exists(unused_path):
+        from safetensors.torch import load_file
+
+        unused = load_file(unused_path)
+        for key, value in unused.items():
+            nbytes[key] = value.numel() * value.element_size()
+
     def produce(keys):
         wanted = set(keys)
+        out = {k: unused[k] for k in keys if k in unused}
+        keys = [k for k in keys if k not in unused]
         instances = list({id(by_key[k]): by_key[k] for k in keys}.values())
         mcore = load_tensors(sharded, sorted({n for inst in instances for n in inst.mcore}), ckpt_dir)
-        out = {}
         for inst in instances:
             values = keymaps.apply_to_hf(inst, [mcore[n] for n in inst.mcore], spec["shapes"])
             for name, value in zip(inst.hf, values):
@@ -394,7 +420,7 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, overwrite: bool = False) -> Dict:
 
     files: Dict[str, List[str]] = {}
     for key, name in hf["weight_map"].items():
-        if key in by_key:  # ignored buffers (rotary inv_freq) are not written back
+        if key in by_key or key in unused:  # ignored buffers (rotary inv_freq) are not written back
             files.setdefault(name, []).append(key)
     owners = _share_files({name: sum(nbytes[k] for k in keys) for name, keys in files.items()}, info.world_size)
     mine = {name: keys for name, keys in files.items() if owners[name] == info.rank}

@@ -98,8 +98,8 @@ def export(args) -> str:
             write_peft_adapter(tmp, config, tensors, os.path.abspath(base_dir))
         else:
             adapters.write_adapter_dir(tmp, config, tensors)
-    return f"{args.format} adapter ({len(config['modules'])} modules, {config['num_experts']} experts, " \
-           f"top-{config['top_k']}, expert_scope={config['expert_scope']})"
+    return f"{args.format} adapter ({len(config['modules'])} modules, method {config['method']}, " \
+           f"{config['num_experts']} experts, top-{config['top_k']}, expert_scope={config['expert_scope']})"
 
 
 def run(args) -> int:

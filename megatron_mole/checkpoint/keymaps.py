@@ -110,7 +110,25 @@ def _vocab_to_hf(mc, ctx):
     return [table_VpH[: ctx["hf_vocab_size"]]]
 
 
+def _vision_ctx(ctx):
+    # A CLIP tower is multi-head (one query per group); its sizes sit beside the LM's.
+    heads = ctx["vision_heads"]
+    return {"num_query_groups": heads, "num_attention_heads": heads, "kv_channels": ctx["vision_head_dim"]}
+
+
+def _class_token_to_mcore(hf, ctx):
+    (token_D,) = hf  # HF's class_embedding [D]; Megatron's class_token [1, 1, D]
+    return [token_D.reshape(1, 1, -1)]
+
+
+def _class_token_to_hf(mc, ctx):
+    (token_11D,) = mc
+    return [token_11D.reshape(-1)]
+
+
 OPS: Dict[str, Tuple[Callable, Callable]] = {
+    "vision_qkv": (lambda hf, ctx: _qkv_to_mcore(hf, _vision_ctx(ctx)), lambda mc, ctx: _qkv_to_hf(mc, _vision_ctx(ctx))),
+    "class_token": (_class_token_to_mcore, _class_token_to_hf),
     "copy": (_copy_to_mcore, _copy_to_mcore),
     "qkv": (_qkv_to_mcore, _qkv_to_hf),
     "concat": (_concat_to_mcore, _concat_to_hf),
@@ -179,6 +197,13 @@ QWEN2_MOE_RULES = (
     Rule(_DL + "mlp.router.weight", (_HL + "mlp.gate.weight",)),
 ) + _gated_mlp(_EXPERT, _HL + "mlp.experts.{E}.")
 
+# A FactorLLM factorisation of a dense base (checkpoint/factorize.py; hf/factorllm.py reads it):
+# Qwen2-MoE-style names plus the router's bias.
+FACTORLLM_RULES = (
+    Rule(_DL + "mlp.router.weight", (_HL + "mlp.gate.weight",)),
+    Rule(_DL + "mlp.router.bias", (_HL + "mlp.gate.bias",)),
+) + _gated_mlp(_EXPERT, _HL + "mlp.experts.{E}.")
+
 SHARED_EXPERT_RULES = _gated_mlp(_DL + "mlp.shared_experts.", _HL + "mlp.shared_expert.") + (
     Rule(_DL + "mlp.shared_experts.gate_weight", (_HL + "mlp.shared_expert_gate.weight",), when="shared_expert_gate"),
 )
@@ -198,11 +223,13 @@ IGNORED_HF_KEYS = (re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_f
 def rules_for(mlp_kind: str, expert_layout: str = "per_expert") -> Tuple[Rule, ...]:
     """All rules of one model: global, attention and MLP.
 
-    mlp_kind: "dense", "mixtral" or "qwen2_moe"; expert_layout: "per_expert" (what
+    mlp_kind: "dense", "mixtral", "qwen2_moe" or "factorllm"; expert_layout: "per_expert" (what
     `save_pretrained` writes) or "fused" (stacked expert tensors).
     """
     if mlp_kind == "dense":
         mlp = DENSE_MLP_RULES
+    elif mlp_kind == "factorllm":
+        mlp = FACTORLLM_RULES
     elif expert_layout == "fused":
         mlp = FUSED_EXPERT_RULES
     elif mlp_kind == "mixtral":
@@ -210,7 +237,7 @@ def rules_for(mlp_kind: str, expert_layout: str = "per_expert") -> Tuple[Rule, .
     elif mlp_kind == "qwen2_moe":
         mlp = QWEN2_MOE_RULES
     else:
-        raise ValueError(f"mlp_kind must be dense, mixtral or qwen2_moe; got {mlp_kind!r}")
+        raise ValueError(f"mlp_kind must be dense, mixtral, qwen2_moe or factorllm; got {mlp_kind!r}")
     if mlp_kind == "qwen2_moe":
         mlp = mlp + SHARED_EXPERT_RULES
     return GLOBAL_RULES + ATTENTION_RULES + mlp

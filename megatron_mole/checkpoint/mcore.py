@@ -1,4 +1,5 @@
-"""Megatron-core side of a converted base: build the GPTModel (or HybridModel), save and load it.
+"""Megatron-core side of a converted base: build the GPTModel (or HybridModel, or for a LLaVA
+base Megatron's LLaVAModel: :mod:`megatron_mole.checkpoint.llava`), save and load it.
 
 A converted directory holds::
 
@@ -85,6 +86,12 @@ def build_model(
     ``vp_stage``: the virtual pipeline chunk to build when a virtual pipeline is set.
     """
     _check_model_kind(model)
+    if spec.get("architecture") == "llava":
+        from megatron_mole.checkpoint.llava import build_llava_model
+
+        if model != "gpt":
+            raise ValueError(f"a LLaVA base builds Megatron's LLaVAModel; model={model!r} does not apply")
+        return build_llava_model(spec, params_dtype, device, config_overrides, vp_stage)
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
@@ -133,6 +140,13 @@ def build_model(
             moe_grouped_gemm=bool(fields.get("moe_grouped_gemm", False)),
             normalization="RMSNorm",
         )
+    if spec.get("factorllm"):
+        # A factorised dense base (checkpoint/factorize.py): Megatron's MoE layer, FactorLLM's router.
+        if model != "gpt":
+            raise CheckpointError(f"a FactorLLM checkpoint builds model='gpt' only (got {model!r})")
+        from megatron_mole.layers.factorllm import factorllm_layer_spec
+
+        layer_spec = factorllm_layer_spec(layer_spec)
     gpt = dict(spec["gpt"])
     stages = dict(pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
                   post_process=ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_mole.runtime import compat
+
 # Megatron's fully reshardable format; no per-sub-optimizer key prefix (keys are the params' own).
 METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
@@ -188,6 +190,7 @@ def save_optimizer_state(optimizer, model, directory) -> None:
     from megatron.core import dist_checkpointing
 
     _, leaves = _sharded(optimizer, model, is_loading=False)
+    compat.prime_checkpoint_writer()
     dist_checkpointing.save({i: leaf for i, leaf in enumerate(leaves)}, str(directory))
 
 

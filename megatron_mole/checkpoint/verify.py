@@ -83,7 +83,7 @@ def megatron_logits(chunks, tokens_BS: torch.Tensor, vocab_size: int):
     return torch.cat([o["logits"] for o in out], dim=0)
 
 
-def _is_reference_rank() -> bool:
+def is_reference_rank() -> bool:
     """The one rank that runs transformers: last pipeline stage, TP rank 0, DP rank 0."""
     from megatron.core import parallel_state as ps
 
@@ -100,11 +100,13 @@ def hf_logits(hf_dir: str, tokens_BS: torch.Tensor, adapter: str = None, dtype=t
 
     # torch's grouped matmul (transformers' default for MoE experts) has no float64 kernel.
     extra = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, **extra).to(tokens_BS.device)
-    if narrow_to is not None and narrow_to != dtype:
-        with torch.no_grad():
-            for param in model.parameters():
-                param.copy_(param.to(narrow_to))
+    from megatron_mole.hf.factorllm import is_factorllm_dir, load_factorllm
+
+    if is_factorllm_dir(hf_dir):  # no transformers architecture computes it: our module (hf/factorllm.py)
+        model = load_factorllm(hf_dir, dtype=dtype).to(tokens_BS.device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, **extra).to(tokens_BS.device)
+    narrow_weights(model, dtype, narrow_to)
     if adapter is not None:
         from megatron_mole.hf import load_mole_adapter
 
@@ -120,6 +122,15 @@ def hf_logits(hf_dir: str, tokens_BS: torch.Tensor, adapter: str = None, dtype=t
     finally:
         for handle in handles:
             handle.remove()
+
+
+def narrow_weights(model, dtype, narrow_to) -> None:
+    """Round every weight of ``model`` (held in ``dtype``) to ``narrow_to`` and back: the values the
+    Megatron checkpoint holds."""
+    if narrow_to is not None and narrow_to != dtype:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.to(narrow_to))
 
 
 class _KeepFloat64(TorchFunctionMode):
@@ -143,6 +154,11 @@ class _KeepFloat64(TorchFunctionMode):
             if kwargs.get("dtype") is torch.float32:
                 kwargs["dtype"] = torch.float64
         return func(*args, **kwargs)
+
+
+def keep_float64(dtype):
+    """:class:`_KeepFloat64` when computing in float64, else nothing."""
+    return _KeepFloat64() if dtype == torch.float64 else contextlib.nullcontext()
 
 
 def _recorder(store, index, batch_first):
@@ -181,7 +197,7 @@ def _megatron_hidden_hooks(chunks, store):
     return handles
 
 
-def _ensure_layout(tp, pp, ep, vpp, device):
+def ensure_layout(tp, pp, ep, vpp, device):
     from megatron_mole import runtime
 
     if not runtime.is_initialized():
@@ -221,7 +237,7 @@ def compare_logits(
     from megatron_mole.checkpoint.hf_io import dtype_from_name
     from megatron_mole.checkpoint.mcore import load_model_chunks, read_spec
 
-    info = _ensure_layout(tp, pp, ep, vpp, device)
+    info = ensure_layout(tp, pp, ep, vpp, device)
     compute = resolve_dtype(dtype, info.device, adapter)
     tolerance = TOLERANCES[compute] if tolerance is None else tolerance
     spec = read_spec(mcore_dir)
@@ -230,7 +246,7 @@ def compare_logits(
     tokens_BS = torch.randint(0, vocab, (batch, seq), generator=generator).to(info.device)
     chunks = load_model_chunks(mcore_dir, params_dtype=compute, model=model)
     if adapter is not None:
-        _apply_adapter(chunks, adapter)
+        apply_adapter(chunks, adapter)
     ours_hidden, hf_hidden = {}, {}
     handles = _megatron_hidden_hooks(chunks, ours_hidden)
     try:
@@ -240,7 +256,7 @@ def compare_logits(
         for handle in handles:
             handle.remove()
     stats = torch.zeros(2, dtype=torch.float64, device=info.device)  # max |diff|, max |reference|
-    if ours is not None and _is_reference_rank():
+    if ours is not None and is_reference_rank():
         where = info.device if hf_device == "rank" else torch.device(hf_device)
         reference = hf_logits(hf_dir, tokens_BS.to(where), adapter, dtype=compute,
                               narrow_to=dtype_from_name(spec["params_dtype"]), hidden=hf_hidden)
@@ -291,7 +307,7 @@ def max_logits_difference(
                           dtype, model=model)["max_abs"]
 
 
-def _apply_adapter(chunks, adapter_dir: str) -> None:
+def apply_adapter(chunks, adapter_dir: str) -> None:
     from megatron_mole.checkpoint.adapters import import_adapter
     from megatron_mole.model import apply_mole, load_adapter_state_dict
 
@@ -325,10 +341,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    result = compare_logits(args.hf, args.mcore, args.tp, args.pp, args.ep, args.vpp, seed=args.seed,
-                            batch=args.batch, seq=args.seq, device=args.device, adapter=args.adapter,
-                            hf_device=args.hf_device, dtype=args.dtype, tolerance=args.tolerance,
-                            model=args.model)
+    from megatron_mole.checkpoint.mcore import read_spec
+
+    if read_spec(args.mcore).get("architecture") == "llava":
+        from megatron_mole.checkpoint.llava_run import compare_llava_logits
+
+        if args.ep != 1 or args.vpp is not None or args.model != "gpt":
+            raise SystemExit("verify: a LLaVA base runs at --ep 1 without --vpp, as Megatron's LLaVAModel")
+        result = compare_llava_logits(args.hf, args.mcore, args.tp, args.pp, seed=args.seed, batch=args.batch,
+                                      seq=args.seq, device=args.device, dtype=args.dtype,
+                                      adapter=args.adapter, tolerance=args.tolerance)
+    else:
+        result = compare_logits(args.hf, args.mcore, args.tp, args.pp, args.ep, args.vpp, seed=args.seed,
+                                batch=args.batch, seq=args.seq, device=args.device, adapter=args.adapter,
+                                hf_device=args.hf_device, dtype=args.dtype, tolerance=args.tolerance,
+                                model=args.model)
     from megatron_mole import runtime
 
     if runtime.get_runtime().rank == 0:

@@ -7,9 +7,11 @@
 
 ``format`` describes the adapter directory, ``loader`` injects the training modules
 (layers/) into transformers models, ``peft`` writes one-expert adapters in PEFT's LoRA
-format. Nothing here imports Megatron-core.
+format; ``factorllm`` runs factorised models (``load_factorllm``). Nothing here imports
+Megatron-core.
 """
+from megatron_mole.hf.factorllm import FactorLLMMoE, load_factorllm
 from megatron_mole.hf.format import AdapterFormatError, read_adapter_dir
 from megatron_mole.hf.loader import load_mole_adapter
 
-__all__ = ["AdapterFormatError", "load_mole_adapter", "read_adapter_dir"]
+__all__ = ["AdapterFormatError", "FactorLLMMoE", "load_factorllm", "load_mole_adapter", "read_adapter_dir"]

@@ -20,6 +20,10 @@ are stored once per Hugging Face linear. The built-in kinds:
   ``{m}.mole.lora_b`` [E, O_m, R] (``mole_linear``). A and the router are the
   Megatron tensors themselves, stored once per HF linear (they are shared: the
   loader checks the copies are equal and ties them); B's rows are split by ``op``.
+- ``{"kind": "perft_s" | "perft_d" | "perft_r" | "perft_e", "megatron": P, "hf": B}``: a
+  whole MoE block (PERFT, layers/perft.py); B is the transformers sparse-MoE block
+  (Mixtral ``block_sparse_moe``, Qwen2-MoE ``mlp``, the parent of the base router's
+  ``gate``) and its tensors are ``{B}.perft.*`` with the Megatron shapes.
 - ``{"kind": "mole_mlp", "megatron": P, "hf": M, "linears": {"linear_fc1": [gate,
   up], "linear_fc2": [down]}, "adapted": [...]}``: one router per MLP
   (``expert_scope="mlp"``): ``{M}.mole.router.weight`` [E, H] and, for each adapted
@@ -77,7 +81,9 @@ def tensor_links(group: dict, cfg) -> Iterator[Tuple[str, List[str], str]]:
     kind, mp = group_kind(group), group["megatron"]
     for t in kind.layout(mole_config(cfg)):
         how = "shared"
-        if kind.unit == "linear":
+        if kind.unit == "moe":  # a whole MoE block: its tensors below the HF block, unchanged
+            names = [f"{group['hf']}.{t.name}"]
+        elif kind.unit == "linear":
             names = [f"{m}.{t.name}" for m in group["hf"]]
             how = group["op"] if t.out_dim is not None else how
         elif not t.per_linear:  # a unit-level tensor (the MLP's router)
@@ -94,6 +100,8 @@ def tensor_links(group: dict, cfg) -> Iterator[Tuple[str, List[str], str]]:
 
 def hf_linear_modules(group: dict) -> List[str]:
     """The adapted Hugging Face linears of a group (full module names)."""
+    if group_kind(group).unit == "moe":
+        return [group["hf"]]
     if group["kind"] != "mole_mlp":
         return list(group["hf"])
     return [f"{group['hf']}.{n}" for linear in group["adapted"] for n in group["linears"][linear]]

@@ -10,6 +10,10 @@ mixture for training and for inference (``generate()`` included).
   becomes a :class:`LoRALinear` / :class:`MoLELinear` holding its rows of B. A and the
   router are one Megatron tensor: the wrappers of a group share one ``Parameter``
   (so q, k and v route identically, as the fused Megatron linear does).
+- PERFT groups (``perft_s|d|r|e``): the layers/perft.py wrapper around transformers'
+  sparse-MoE block (Mixtral ``block_sparse_moe``, Qwen2-MoE ``mlp``); PERFT-E hooks
+  the block's fused ``experts`` module (transformers 5.x), which receives the frozen
+  router's top-k ids and weights.
 - ``mole_mlp`` groups: :class:`MoLEMLP` needs Megatron's fused fc1 ([gate; up]). The
   Hugging Face MLP is replaced by the wrapper around a shim whose ``linear_fc1`` holds
   ``cat([gate.weight, up.weight])``; the separate gate/up weights go away with the
@@ -134,6 +138,42 @@ def _wrap_mlp(model, group, cfg, tensors, adapter_dir, hidden_act):
     _replace(model, name, unit)
 
 
+def _moe_block_name(model, name):
+    """The module path of the MoE block the checkpoint calls ``name``: transformers 5.x names
+    Mixtral's block ``mlp`` in the module tree while its checkpoints keep ``block_sparse_moe``
+    (renamed at load), so a missing name falls back to the one child of the same decoder
+    layer that has a ``gate`` and ``experts``."""
+    try:
+        model.get_submodule(name)
+        return name
+    except AttributeError as err:
+        layer_name = name.rpartition(".")[0]
+        try:
+            layer = model.get_submodule(layer_name)
+        except AttributeError:
+            raise AdapterFormatError(f"the model has no MoE block {name!r} named by the adapter ({err})") from err
+        found = [f"{layer_name}.{child}" for child, m in layer.named_children()
+                 if hasattr(m, "gate") and hasattr(m, "experts")]
+        if len(found) != 1:
+            raise AdapterFormatError(f"the model has no MoE block {name!r} named by the adapter, and "
+                                     f"{layer_name!r} has {len(found)} (gate + experts) blocks") from err
+        return found[0]
+
+
+def _wrap_moe_block(model, group, cfg, tensors, adapter_dir):
+    """A PERFT unit around transformers' sparse-MoE block (5.x: fused ``experts`` called with
+    the router's top-k ids and weights, which PERFT-E hooks)."""
+    name = _moe_block_name(model, group["hf"])
+    block = model.get_submodule(name)
+    if not hasattr(block, "experts") or not hasattr(block, "gate"):
+        raise AdapterFormatError(f"module {name!r} is a {type(block).__name__}, not a transformers sparse-MoE "
+                                 f"block (gate + experts): unsupported PERFT base")
+    unit = group_kind(group).wrapper(block, cfg, base_config=model.config)
+    unit.adapter_prefix = group["hf"]  # the tensors' names (the checkpoint's module names)
+    _load(unit, tensors, adapter_dir)
+    _replace(model, name, unit)
+
+
 def _mole_config(config):
     values = dict(config["mole_config"])
     values["dispatch"] = "local"  # one process: every expert is here
@@ -166,10 +206,16 @@ def load_mole_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
         for _, names, how in tensor_links(group, cfg):
             if how == "shared":
                 check_shared(names, tensors)
-        if group_kind(group).unit == "mlp":
+        if group_kind(group).unit == "moe":
+            _wrap_moe_block(model, group, cfg, tensors, adapter_dir)
+        elif group_kind(group).unit == "mlp":
             _wrap_mlp(model, group, cfg, tensors, adapter_dir, hidden_act)
         else:
             _wrap_linears(model, group, cfg, tensors, adapter_dir)
+    if config.get("multimodal"):  # a LLaVA base: trained projector, Parrot (hf/multimodal.py)
+        from megatron_mole.hf.multimodal import load_multimodal
+
+        load_multimodal(model, adapter_dir, config["multimodal"])
     for p in model.parameters():
         p.requires_grad_(False)
     model.mole_adapter_config = config

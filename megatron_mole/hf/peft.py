@@ -24,6 +24,11 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 
 def peft_eligible(config: dict) -> None:
     """Refuse (naming why) an adapter that routes over several experts."""
+    blocks = [g["megatron"] for g in config["modules"] if g["kind"].startswith("perft_")]
+    if blocks:
+        raise AdapterFormatError(f"PERFT adapters ({config['method']}) sit parallel to a whole MoE block "
+                                 f"({blocks[:2]}), which PEFT's LoRA (on single linears) cannot express; "
+                                 f"use megatron_mole.hf.load_mole_adapter")
     routed = [g["megatron"] for g in config["modules"] if g["kind"] != "lora"]
     if config["num_experts"] != 1 and routed:
         raise AdapterFormatError(f"only adapters with one expert and no router are plain LoRA: this one has "

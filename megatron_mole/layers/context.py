@@ -39,9 +39,16 @@ def routing_inputs(padding_mask=None, segment_ids=None, condition=None):
         _INPUTS.update(saved)
 
 
+def current_condition():
+    """The ``condition`` supplied with :func:`routing_inputs` for this forward, or None."""
+    return _INPUTS["condition"]
+
+
 def record_padding_mask(module, args, kwargs):
     """Forward pre-hook (with kwargs) on a model: keep its ``padding_mask``."""
-    _INPUTS["padding_mask"] = kwargs.get("padding_mask")
+    # A wrapper model that calls this one without a mask may have left one on it (LLaVA: the
+    # padding of the combined image + text sequence, megatron_mole.model).
+    _INPUTS["padding_mask"] = kwargs.get("padding_mask", getattr(module, "mole_padding_mask", None))
 
 
 def forget_padding_mask(module, args, output):

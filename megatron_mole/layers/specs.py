@@ -115,7 +115,7 @@ class AdapterKind:
     """Base of the adapter kinds (see the module docstring)."""
 
     name: str = "?"
-    unit: str = "linear"           # "linear": one base linear; "mlp": a dense MLP (fc1, fc2)
+    unit: str = "linear"           # "linear": one base linear; "mlp": a dense MLP (fc1, fc2); "moe": a MoE block
     wrapper: type = None           # the module class (Megatron and Hugging Face)
     input_linear: Optional[str] = None  # the linear whose input a unit-level tensor sees
 
@@ -161,11 +161,20 @@ class Method:
     ``kind_for(cfg, linear, in_dense_mlp)`` returns a kind name; ``linear`` is
     the matched module's last path component, ``in_dense_mlp`` whether its
     parent is a dense Megatron MLP. ``adapts_moe_experts``: whether linears
-    inside routed MoE experts may be targeted.
+    inside routed MoE experts may be targeted; a MoE block whose expert linears
+    are targeted then becomes one unit of kind ``moe_kind`` (unit ``"moe"``).
+    ``check(cfg)`` raises a ConfigError for settings the method refuses.
     """
 
     name: str = "?"
     adapts_moe_experts = False
+    # A method that is not a walk over linears (e.g. "factorllm") defines
+    # ``apply_model(model, cfg, options) -> model``; ``apply_mole`` then calls only that.
+    apply_model = None
+    moe_kind: Optional[str] = None
+
+    def check(self, cfg) -> None:
+        """Refuse ``cfg`` settings this method cannot honour (ConfigError naming the field)."""
 
     def kind_for(self, cfg, linear: str, in_dense_mlp: bool) -> str:  # pragma: no cover
         raise NotImplementedError

@@ -12,6 +12,12 @@ the rest of the package calls these helpers. What differs:
   modules, so megatron_mole supports HybridModel on >= 0.19 only:
   :func:`hybrid_unavailable_reason` says why not, :func:`build_hybrid_model` builds one
   from the same local layer spec a GPTModel uses (identical modules, identical math).
+* The torch_dist writer collects its results through a ``multiprocessing.Manager`` queue
+  that it starts with the *spawn* method on first use (``_get_write_results_queue`` in
+  0.16, ``get_write_results_queue(mp_mode)`` in 0.19): a fresh interpreter that re-imports
+  torch, ~3-7 s per process on 2 CPU cores, most of a small conversion's time.
+  :func:`prime_checkpoint_writer` starts that queue's Manager by *fork* instead (it runs
+  only multiprocessing code, no torch or CUDA; the writer itself forks its workers).
 """
 from __future__ import annotations
 
@@ -24,8 +30,10 @@ __all__ = [
     "version_tuple",
     "have_transformer_engine",
     "local_mlp_submodules",
+    "spec_submodules",
     "hybrid_unavailable_reason",
     "build_hybrid_model",
+    "prime_checkpoint_writer",
 ]
 
 HYBRID_MIN_VERSION = (0, 19)
@@ -55,14 +63,19 @@ def have_transformer_engine() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+def spec_submodules(entry):
+    """The ``submodules`` of a layer-spec entry: a ``ModuleSpec`` (<= 0.18) or, from 0.19, a
+    ``functools.partial(Module, submodules=...)`` (the same object: editing it edits the spec)."""
+    if isinstance(entry, functools.partial):
+        return entry.keywords["submodules"]
+    return entry.submodules
+
+
 def local_mlp_submodules():
     """``MLPSubmodules`` (linear_fc1/linear_fc2 classes) of Megatron's local GPT layer spec."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    mlp = get_gpt_layer_local_spec().submodules.mlp
-    if isinstance(mlp, functools.partial):  # >= 0.19
-        return mlp.keywords["submodules"]
-    return mlp.submodules
+    return spec_submodules(get_gpt_layer_local_spec().submodules.mlp)
 
 
 def hybrid_unavailable_reason() -> Optional[str]:
@@ -112,3 +125,14 @@ def build_hybrid_model(config, layer_spec, pattern: str, moe_layer_spec=None, **
     kwargs = dict(model_kwargs)
     kwargs.pop("transformer_layer_spec", None)
     return HybridModel(config, hybrid_stack_spec=stack, hybrid_layer_pattern=pattern, **kwargs)
+
+
+def prime_checkpoint_writer() -> None:
+    """Start the torch_dist writer's results-queue Manager by fork (see the module docstring);
+    a no-op once it exists, or when this release keeps the queue elsewhere."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()

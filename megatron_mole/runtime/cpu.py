@@ -280,6 +280,21 @@ def _patch_hybrid_final_norm():
     return _swap(hybrid_block, "TENorm", torch_norm.WrappedTorchNorm)
 
 
+def _patch_clip_vit_norm():
+    from megatron.core.models.vision import clip_vit_model
+    from megatron.core.transformer import torch_norm
+
+    init = clip_vit_model.CLIPViTModel.__init__
+    defaults = init.__defaults__ or ()
+    if torch.nn.LayerNorm not in defaults:  # Transformer Engine present: TENorm is right
+        return lambda: None
+    # Without TE the ViT's ln_pre/ln_post default to torch.nn.LayerNorm, which Megatron's
+    # build_module calls with config=..., hidden_size=... (a TypeError). Megatron's torch norm
+    # takes those arguments and builds the same LayerNorm (weight and bias, the config's eps).
+    patched = tuple(torch_norm.WrappedTorchNorm if d is torch.nn.LayerNorm else d for d in defaults)
+    return _swap(init, "__defaults__", patched)
+
+
 PATCHES: List[Patch] = [
     Patch(
         "cuda-device-mode",
@@ -322,6 +337,14 @@ PATCHES: List[Patch] = [
         _patch_hybrid_final_norm,
         scope=NO_TE,
         tested=("0.19.0", "0.19.2"),
+    ),
+    Patch(
+        "clip-vit-norm",
+        "CLIPViTModel (LLaVAModel's vision tower) defaults its pre/post norm to torch.nn.LayerNorm "
+        "without Transformer Engine and builds it with a config= keyword LayerNorm refuses; "
+        "default to Megatron's torch norm (the same LayerNorm) instead",
+        _patch_clip_vit_norm,
+        scope=NO_TE,
     ),
 ]
 

@@ -191,11 +191,12 @@ def parse_line(raw: bytes) -> tuple:
     return parse_record(record)
 
 
-def read_jsonl(paths, strict: bool = False, report: DataReport | None = None) -> tuple:
+def read_jsonl(paths, strict: bool = False, report: DataReport | None = None, parse=None) -> tuple:
     """Read instruction JSONL file(s) -> (list of Example, DataReport).
 
     Bad lines are recorded in the report and skipped; with ``strict`` the first one
-    raises DataError("path:line: reason").
+    raises DataError("path:line: reason"). ``parse(raw, path, number)`` reads another
+    record format (mm_data.py's image records) and raises _BadRecord on a bad line.
     """
     report = report if report is not None else DataReport()
     examples = []
@@ -206,14 +207,18 @@ def read_jsonl(paths, strict: bool = False, report: DataReport | None = None) ->
                     continue
                 report.num_lines += 1
                 try:
-                    domain, messages = parse_line(raw)
+                    if parse is None:
+                        domain, messages = parse_line(raw)
+                        example = Example(domain, messages, str(path), number)
+                    else:
+                        example = parse(raw, Path(path), number)
                 except _BadRecord as error:
                     bad = BadLine(str(path), number, str(error))
                     if strict:
                         raise DataError(f"bad data line {bad} (strict=True)") from None
                     report.bad_lines.append(bad)
                     continue
-                examples.append(Example(domain, messages, str(path), number))
+                examples.append(example)
     return examples, report
 
 

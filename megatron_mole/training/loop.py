@@ -62,7 +62,7 @@ import torch
 from megatron_mole.checkpoint import ckpt_io, optim_state
 from megatron_mole.training.data import InstructionDataset, domain_loss_sums, packed_attention_mask, \
     split_microbatches
-from megatron_mole.model import update_global_balance
+from megatron_mole.model import format_trainable_summary, update_global_balance
 from megatron_mole.training.logging import RouterLoadMonitor, StepLogger, gather_router_stats, recent_records, \
     weighted_aux_loss
 from megatron_mole.training.sampler import GlobalBatchLoader
@@ -173,6 +173,7 @@ class Trainer:
                                    config_overrides=_base_overrides(cfg), device=self.device,
                                    model=cfg.base.model)
         self.mole_config = mm.MoLEConfig(**cfg.effective_mole())
+        self.factorllm = self.mole_config.method == "factorllm"
         self.tune_routers = cfg.trainable == "routers"
         if self.tune_routers:  # Router Lens's router tuning: the base's own routers, no adapter
             from megatron_mole.model import unfreeze_base_routers
@@ -184,7 +185,7 @@ class Trainer:
                 raise ConfigError("trainable", f"'routers' needs an MoE base; {cfg.base.checkpoint} has no MoE router")
         else:
             for chunk in chunks:
-                mm.apply_mole(chunk, self.mole_config)
+                mm.apply_mole(chunk, self.mole_config, options=cfg.factorllm if self.factorllm else None)
         # The adapters enter the model before the optimizer copies them (its fp32 main params under
         # bf16): loaded later, the optimizer's first step would write its stale copies back.
         self.checkpoint = self._read_checkpoint()
@@ -226,6 +227,9 @@ class Trainer:
         ck = self.cfg.checkpoint
         if ck.load_dir is None:
             return None
+        if self.factorllm:
+            raise ckpt_io.CheckpointError("method 'factorllm' does not resume from a training checkpoint; train "
+                                          "from a saved model instead (base.checkpoint: SAVE_DIR/model_step_N)")
         checkpoint = ckpt_io.load_checkpoint(ck.load_dir, ck.load_step)
         shared = checkpoint.shared
         if shared is None or "adapters" not in shared:
@@ -269,6 +273,8 @@ class Trainer:
         from megatron_mole.model import adapter_state_dict
 
         ck = self.cfg.checkpoint
+        if self.factorllm:
+            return self._save_factorllm()
         shared, rank_payload = ckpt_io.training_payloads(
             step=self.step, adapters=adapter_state_dict(self.model), scheduler_state=self.scheduler.state_dict(),
             sampler_state=self.loader.state_dict(), base=self.base_ref, layout=self.layout,
@@ -288,6 +294,16 @@ class Trainer:
             ck.save_dir, self.step, rank_payload, shared_payload=shared, rank=self.rank,
             world_size=self.info.world_size, barrier=barrier, keep_last=ck.keep_last,
             collective=lambda directory: optim_state.save_optimizer_state(self.optimizer, self.model, directory))
+
+    def _save_factorllm(self) -> Path:
+        """FactorLLM trains the model's own experts and routers: save the model as a converted
+        checkpoint ``save_dir/model_step_N`` (atomic; the frozen dense teacher is not part of
+        the model, so it is not saved), loadable by ``load_model``, ``train`` and ``verify``."""
+        from megatron_mole.checkpoint.factorize import save_model
+
+        out = Path(self.cfg.checkpoint.save_dir) / f"model_step_{self.step}"
+        save_model([ddp.module for ddp in self.model], self.cfg.base.checkpoint, str(out))
+        return out
 
     # ------------------------------------------------------------------ one step
     def _forward_step(self, scale, data_iterator, model_chunk):
@@ -393,6 +409,8 @@ class Trainer:
         self._info(f"train: world={self.info.world_size} tp={self.info.tp} pp={self.info.pp} ep={self.info.ep} "
                    f"dp={self.dp} device={self.device.type} dtype={str(self.dtype).replace('torch.', '')} "
                    f"adapter params={result.adapter_params} (rank 0)")
+        self._info(format_trainable_summary(self.model, self.mole_config.method)
+                   + " (full tensors, rank 0's pipeline stages)")
         self.resume()
         latest = ckpt_io.latest_step(ck.save_dir) if ck.save_dir else None
         if latest is not None and latest > self.step:

@@ -80,7 +80,8 @@ def padded_vocab(vocab: int, tp: int, divisor: int = 128) -> int:
 
 def base_linears(shapes: Shapes) -> dict:
     """The adaptable linears of one Megatron layer: name -> (placement kind, full in, full out,
-    inside a dense MLP). Routed MoE experts are not adaptable by these targets."""
+    inside a dense MLP). Routed MoE experts: the PERFT methods adapt the whole block
+    (``adapter_params_per_layer``)."""
     qkv = shapes.q_dim + 2 * shapes.kv_dim
     out = {"linear_qkv": ("column", shapes.hidden, qkv, False),
            "linear_proj": ("row", shapes.q_dim, shapes.hidden, False)}
@@ -106,6 +107,7 @@ def adapter_params_per_layer(shapes: Shapes, mole, tp: int, ep: int) -> dict:
         raise ValueError(f"the memory estimate understands bare target names; got {unknown}")
     method = METHODS[mole.method]
     units = {}  # (kind, unit) -> [linear names]
+    moe_targets = [t for t in mole.targets if t in ("linear_fc1", "linear_fc2")] if shapes.base_experts else []
     for target in mole.targets:
         if target not in linears:
             continue
@@ -125,7 +127,28 @@ def adapter_params_per_layer(shapes: Shapes, mole, tp: int, ep: int) -> dict:
             placement = linears[t.linear or kind.input_linear or names[0]][0]
             n = t.local_numel(placement, tp, ep_size)
             out["router" if t.router else "expert" if t.experts and ep_size > 1 else "dense"] += n
+    if moe_targets and method.adapts_moe_experts:  # a PERFT method: one unit per MoE block
+        from megatron_mole.layers.perft import MoEDims
+
+        kind = kind_of(method.moe_kind)
+        for t in kind.tensors(mole, MoEDims.block(shapes.hidden, shapes.base_experts)):
+            if not t.trainable:
+                continue
+            # PERFT-E lives with its base expert (always split over EP, rank dim over expert TP);
+            # S/D/R are replicated over TP, R's experts split over EP under alltoall
+            e_split = ep if kind.name == "perft_e" else ep_size
+            placement = {"lora_a": "column", "lora_b": "row"}.get(t.linear, "none")
+            n = t.local_numel(placement, tp, e_split)
+            out["router" if t.router else "expert" if t.experts and e_split > 1 else "dense"] += n
     return out
+
+
+def trainable_params(shapes: Shapes, mole) -> int:
+    """Trainable adapter parameters of the whole model (full tensors, every layer the
+    config adapts): what the PERFT paper's tables count."""
+    per_layer = sum(adapter_params_per_layer(shapes, mole, 1, 1).values())
+    layers = shapes.layers if mole.layers is None else len([i for i in mole.layers if i < shapes.layers])
+    return per_layer * layers
 
 
 def _layers_of_stage(shapes: Shapes, mole, pp: int, stage: int) -> int:
@@ -167,6 +190,10 @@ def estimate(shapes: Shapes, cfg, world_size: int, dtype_bytes: int = 2) -> dict
     if shapes.base_experts:
         k = shapes.base_top_k
         act += d * T * k * (H + 3 * shapes.expert_ffn / etp) + 4 * T * shapes.base_experts * 2
+        if mole.method in ("perft-r", "perft-s", "perft-d"):  # the gathered input, its K rows, r-dim rows
+            act += d * T * (H + mole.top_k * (H + r)) + 4 * T * E * 2
+        elif mole.method == "perft-e":
+            act += d * T * k * r
     elif mole.expert_scope == "mlp" and any(t in mole.targets for t in ("linear_fc1", "linear_fc2")):
         act += d * T * K * (H + 3 * F / tp + 4 * r) + 4 * T * E * 2
     else:
@@ -201,6 +228,8 @@ def estimate(shapes: Shapes, cfg, world_size: int, dtype_bytes: int = 2) -> dict
         }
         entry["total"] = sum(v for k, v in entry.items() if k != "adapter_param_count")
         out[name] = entry
+    out["trainable_params"] = trainable_params(shapes, mole)
+    out["method"] = mole.method
     out["layout"] = {"world_size": world_size, "tp": tp, "pp": pp, "ep": ep, "dp": dp, "expert_dp": expert_dp,
                      "micro_batches": num_micro, "sequence_parallel": bool(sp), "dtype_bytes": d}
     return out
@@ -214,6 +243,8 @@ def format_estimate(result: dict) -> str:
         parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in entry.items() if k not in ("total", "adapter_param_count"))
         lines.append(f"{name}: {entry['total'] / GIB:.1f} GiB per GPU ({parts} GiB; "
                      f"{entry['adapter_param_count'] / 1e6:.1f}M adapter params on the rank)")
+    lines.append(f"trainable adapter parameters ({result['method']}, whole model): "
+                 f"{result['trainable_params']:,} ({result['trainable_params'] / 1e6:.1f}M)")
     lines.append("not included: CUDA context, NCCL buffers, allocator fragmentation")
     return "\n".join(lines)
 

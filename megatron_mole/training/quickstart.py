@@ -1,4 +1,4 @@
-"""`megatron-mole quickstart --work-dir DIR [--max-steps N] [--save-interval N]`: the whole product on a CPU.
+"""`megatron-mole quickstart --work-dir DIR [--max-steps N] [--save-interval N] [--base llama|mixtral]`: the whole product on a CPU.
 
 Runs as one ordinary process (not under torchrun) and launches the distributed part
 itself:
@@ -17,6 +17,10 @@ itself:
    in a subprocess, one thread per rank), logging to ``DIR/train.jsonl`` and saving to
    ``DIR/checkpoints/``. The ranks use GPUs when the machine has at least 2, else they run
    on CPU (the GPUs hidden from them; the output says which);
+   With ``--base mixtral`` the base is a tiny Mixtral-style MoE (4 experts, top-2, the same
+   sizes; Megatron shards its experts 2 per rank at EP=2) and the adapter PERFT-R (4 adapter
+   experts with their own top-2 router beside every MoE block, sharded 2 per rank; LoRA on
+   attention);
 5. ``DIR/hf_adapter/``: the adapter exported for transformers, and a few generations
    of the base with the adapter loaded (when the export command and
    ``megatron_mole.hf.load_mole_adapter`` are installed; otherwise it says so).
@@ -45,11 +49,24 @@ PRETRAIN_STEPS = 1000
 HELDOUT_PER_DOMAIN = 25
 
 
+# --base mixtral: a Mixtral-style MoE base (4 experts, top-2, renormalised gates) of the same sizes
+MIXTRAL = {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 96, "router_aux_loss_coef": 0.0}
+BASES = ("llama", "mixtral")
+
+
 def build_base(work_dir: Path, seed: int = 0, examples_per_domain: int = EXAMPLES_PER_DOMAIN,
-               pretrain_steps: int = PRETRAIN_STEPS, **base_overrides) -> Path:
-    """Data, tokenizer and a tiny Llama (briefly pretrained) in ``work_dir/hf_base``; returns that directory."""
+               pretrain_steps: int = PRETRAIN_STEPS, base: str = "llama", **base_overrides) -> Path:
+    """Data, tokenizer and a tiny Llama or Mixtral (briefly pretrained) in ``work_dir/hf_base``;
+    returns that directory."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    if base not in BASES:
+        raise ValueError(f"quickstart: --base must be one of {BASES}, got {base!r}")
+    config_cls, model_cls = (MixtralConfig, MixtralForCausalLM) if base == "mixtral" else (LlamaConfig,
+                                                                                           LlamaForCausalLM)
+    if base == "mixtral":
+        base_overrides = dict(MIXTRAL, **base_overrides)
 
     from megatron_mole.training.synthetic import generate_records, record_texts, skill_texts, \
         write_instruction_dataset
@@ -59,10 +76,11 @@ def build_base(work_dir: Path, seed: int = 0, examples_per_domain: int = EXAMPLE
     hf_dir = work_dir / "hf_base"
     texts = record_texts(generate_records(examples_per_domain, seed))
     tokenizer = train_tokenizer(texts, hf_dir, vocab_size=VOCAB_SIZE)
-    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **dict(BASE, **base_overrides))
+    config = config_cls(vocab_size=len(tokenizer), tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                        **dict(BASE, **base_overrides))
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_cls(config)
     if pretrain_steps:  # the words, and the skills stated as plain text (not the instructions)
         pretrain(model, tokenizer, texts + skill_texts(examples_per_domain, seed + 1), pretrain_steps, seed)
     model.save_pretrained(hf_dir)
@@ -91,15 +109,20 @@ def pretrain(model, tokenizer, texts, steps: int, seed: int, seq_length: int = 6
     print(f"quickstart: pretrained the base {steps} steps on {len(texts)} texts (last loss {loss.item():.3f})", flush=True)
 
 
-def train_config(work_dir: Path, max_steps: int, save_interval: int, seed: int = 0) -> dict:
-    """The quickstart's training config (what ``DIR/config.yaml`` holds), paths absolute."""
+def train_config(work_dir: Path, max_steps: int, save_interval: int, seed: int = 0, base: str = "llama") -> dict:
+    """The quickstart's training config (what ``DIR/config.yaml`` holds), paths absolute. ``base="mixtral"``:
+    PERFT-R (4 adapter experts, top-2, its own router) on every MoE block, sharded over EP=2 like the
+    base's own experts, and LoRA on attention."""
     work_dir = work_dir.resolve()
+    mole = {"num_experts": 4, "rank": 8, "alpha": 16, "top_k": 1, "expert_scope": "mlp",
+            "targets": ["linear_fc1", "linear_fc2", "linear_qkv", "linear_proj"],
+            "aux_loss_coeff": 0.01, "dispatch": "alltoall", "seed": seed}
+    if base == "mixtral":
+        mole.update(method="perft-r", top_k=2)
     return {
         "base": {"checkpoint": str(work_dir / "mcore"), "tokenizer": str(work_dir / "hf_base")},
         "parallel": dict(LAYOUT, micro_batch=4, global_batch=16),
-        "mole": {"num_experts": 4, "rank": 8, "alpha": 16, "top_k": 1, "expert_scope": "mlp",
-                 "targets": ["linear_fc1", "linear_fc2", "linear_qkv", "linear_proj"],
-                 "aux_loss_coeff": 0.01, "dispatch": "alltoall", "seed": seed},
+        "mole": mole,
         "optimizer": {"lr": 3.0e-3, "clip_grad": 1.0, "distributed": True},
         "schedule": {"max_steps": max_steps, "warmup_steps": min(10, max_steps), "decay_style": "cosine"},
         "data": {"paths": [str(work_dir / "data" / "train.jsonl")], "seq_length": 64, "packing": True},
@@ -226,9 +249,17 @@ def add_arguments(parser):
                         help="steps of pretraining the tiny base (all weights) before fine-tuning")
     parser.add_argument("--heldout", type=int, default=HELDOUT_PER_DOMAIN,
                         help="held-out prompts per domain for the accuracy before/after training (0: skip)")
+    parser.add_argument("--base", choices=BASES + ("llava",), default="llama",
+                        help="llama: MoLE on a tiny Llama (default); mixtral: PERFT-R on a tiny Mixtral-style "
+                             "MoE base (4 experts, top-2); llava: a tiny vision-language base with MoLE + "
+                             "Parrot (training/llava_quickstart.py)")
 
 
 def run(args) -> int:
+    if getattr(args, "base", "llama") == "llava":
+        from megatron_mole.training.llava_quickstart import run as run_llava
+
+        return run_llava(args)
     import yaml
 
     if args.max_steps < 1 or args.save_interval < 0:
@@ -251,8 +282,10 @@ def run(args) -> int:
         elif path.exists():
             path.unlink()
 
-    hf_dir = build_base(work_dir, args.seed, pretrain_steps=args.pretrain_steps)
-    print(f"quickstart: wrote {work_dir / 'data' / 'train.jsonl'} and a tiny Llama base in {hf_dir} "
+    base = getattr(args, "base", "llama")
+    hf_dir = build_base(work_dir, args.seed, pretrain_steps=args.pretrain_steps, base=base)
+    what = "Mixtral-style MoE (4 experts, top-2)" if base == "mixtral" else "Llama"
+    print(f"quickstart: wrote {work_dir / 'data' / 'train.jsonl'} and a tiny {what} base in {hf_dir} "
           f"({time.perf_counter() - start:.1f}s)", flush=True)
     if args.heldout:
         from megatron_mole.training.synthetic import generate_records, heldout_prompts
@@ -263,7 +296,7 @@ def run(args) -> int:
 
     config_path = work_dir / "config.yaml"
     with open(config_path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(train_config(work_dir, args.max_steps, args.save_interval, args.seed), handle,
+        yaml.safe_dump(train_config(work_dir, args.max_steps, args.save_interval, args.seed, base), handle,
                        sort_keys=False)
     device_env, device_message = rank_devices(NPROC)
     print(device_message, flush=True)

@@ -7,6 +7,8 @@ Example (every section but ``base`` and ``data`` is optional; defaults below)::
     parallel: {tp: 1, pp: 1, ep: 2, vpp: null, sequence_parallel: false,
                micro_batch: 1, global_batch: 8}
     mole: {num_experts: 4, rank: 8, alpha: 16, top_k: 1}   # MoLEConfig keyword arguments, passed through
+    factorllm: {pa_loss_coeff: 0.05, balance_loss_coeff: 0.01,  # used with mole: {method: factorllm}
+                trainable: experts+routers}                     # or: routers
     optimizer: {lr: 2.0e-4, weight_decay: 0.0, betas: [0.9, 0.999], eps: 1.0e-8, clip_grad: 1.0,
                 distributed: true}
     schedule: {max_steps: 100, warmup_steps: 10, decay_style: cosine, min_lr: 0.0}
@@ -43,6 +45,7 @@ from typing import Any
 import yaml
 
 from megatron_mole import errors
+from megatron_mole.layers.factorllm import FactorLLMOptions
 
 
 class ConfigError(errors.ConfigError):
@@ -202,6 +205,8 @@ class TrainConfig:
     data: DataConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     mole: dict[str, Any] = field(default_factory=dict)  # MoLEConfig(**mole), validated at load (_check_mole)
+    # FactorLLM's loss weights and trainable set (mole.method == "factorllm"; layers/factorllm.py)
+    factorllm: FactorLLMOptions = field(default_factory=FactorLLMOptions)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

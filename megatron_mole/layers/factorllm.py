@@ -1,0 +1,229 @@
+"""FactorLLM on Megatron-core: the router of a factorised MoE layer and the training hook.
+
+A factorised checkpoint (``megatron-mole factorize``, checkpoint/factorize.py) is a
+converted base whose dense MLPs are Megatron's own ``MoELayer`` (SequentialMLP experts,
+sharded over expert parallelism like any Megatron MoE) with ``FactorLLMRouter`` (:func:`router_class`) in
+place of ``TopKRouter``: fp32 logits ``W x + b`` (a bias, which TopKRouter lacks without
+``add_bias_linear`` on every linear), the top-K experts, each weighted by the constant
+N/K (routing/factorllm.py). Token dispatch, expert compute and combine are Megatron's.
+
+Training (``method: factorllm``, :func:`apply_factorllm`): a forward hook on every
+MoELayer adds ``pa_loss_coeff * L_PA + balance_loss_coeff * L_balance`` to the training
+loss through ``AuxLossScaler`` (the router's only gradient: the output weights are
+constant). The PA loss needs every expert's output on every token: the hook all-gathers
+the layer's own MLP input over the expert-parallel group (no gradient), runs this rank's
+experts on all of it, compares with the frozen dense FFN (the teacher, rebuilt once from
+the untrained experts, whose concatenation *is* the dense FFN) and all-gathers the
+per-expert errors back. The teacher lives in the hook object, not in the module tree:
+it is never trained, never in a state dict, and gone when the hooks are removed.
+
+Training needs tensor parallelism 1 (the errors are computed from full expert outputs);
+any PP, EP and DP.
+
+Legend: T tokens, D hidden, N experts, n local experts, m neurons per expert.
+"""
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+
+from megatron_mole.errors import ConfigError
+from megatron_mole.layers.context import install_context_hooks, routing_context
+from megatron_mole.layers.specs import Method, register_method
+from megatron_mole.routing import AUX_LOSS_TRACKER
+from megatron_mole.routing import factorllm as F
+from megatron_mole.routing.losses import attach_aux_loss, load_balancing_loss
+
+TRAINABLE = ("experts+routers", "routers")
+
+
+_ROUTER_CLASS = []
+
+
+def router_class():
+    """:class:`FactorLLMRouter`, defined on first use (importing this module must not import
+    Megatron-core: the method registry is read by configs)."""
+    if _ROUTER_CLASS:
+        return _ROUTER_CLASS[0]
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    class FactorLLMRouter(TopKRouter):
+        """TopKRouter with a bias and FactorLLM's selection: probs are N/K on the top-K
+        experts of ``W x + b`` (fp32), 0 elsewhere. No Megatron aux loss is applied."""
+
+        def __init__(self, config, pg_collection=None, **kwargs):  # 0.19 adds is_mtp_layer=
+            super().__init__(config=config, pg_collection=pg_collection, **kwargs)
+            if self.bias is None:
+                self.bias = torch.nn.Parameter(torch.zeros(config.num_moe_experts, dtype=self.weight.dtype,
+                                                           device=self.weight.device))
+                setattr(self.bias, "sequence_parallel", config.sequence_parallel)
+            self.scale = F.output_scale(config.num_moe_experts, self.topk)
+
+        def gating(self, input):
+            return F.router_logits(input, self.weight, self.bias)
+
+        def routing(self, logits, padding_mask=None):
+            logits_TN = logits.reshape(-1, self.config.num_moe_experts)
+            chosen_TK = F.select(logits_TN, self.topk)
+            probs_TN = torch.zeros_like(logits_TN).scatter_(1, chosen_TK, self.scale)
+            return probs_TN, probs_TN > 0
+
+    _ROUTER_CLASS.append(FactorLLMRouter)
+    return FactorLLMRouter
+
+
+def factorllm_layer_spec(layer_spec):
+    """``layer_spec`` (Megatron's local MoE layer spec) with FactorLLMRouter as its router."""
+    from megatron_mole.runtime.compat import spec_submodules
+
+    moe = spec_submodules(layer_spec.submodules.mlp)
+    if not hasattr(moe, "router"):
+        raise RuntimeError("this megatron-core's MoESubmodules has no 'router' field; FactorLLM needs it")
+    moe.router = router_class()
+    return layer_spec
+
+
+def moe_layers(model) -> List[Tuple[int, torch.nn.Module]]:
+    """(global 0-based layer number, MoELayer) of every FactorLLM layer of a model chunk."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    return [(int(m.layer_number) - 1, m.mlp) for m in model.modules()
+            if isinstance(getattr(m, "mlp", None), MoELayer) and hasattr(m, "layer_number")
+            and isinstance(m.mlp.router, router_class())]
+
+
+@dataclass
+class FactorLLMOptions:
+    """The weights of FactorLLM's losses and what trains (the train config's ``factorllm:``)."""
+    pa_loss_coeff: float = 0.05
+    balance_loss_coeff: float = 0.01
+    trainable: str = "experts+routers"
+
+    def __post_init__(self):
+        for name in ("pa_loss_coeff", "balance_loss_coeff"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"factorllm.{name}={value!r}: must be a number >= 0")
+        if self.trainable not in TRAINABLE:
+            raise ConfigError(f"factorllm.trainable={self.trainable!r}: must be one of {TRAINABLE}")
+
+
+def _ep_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_model_parallel_group(), ps.get_expert_model_parallel_world_size()
+
+
+def _all_gather(x: torch.Tensor, group, size: int, dim: int = 0) -> torch.Tensor:
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    torch.distributed.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+class _Teacher:
+    """The frozen dense SwiGLU FFN: every expert's rows, gathered over EP, concatenated."""
+
+    def __init__(self, moe):
+        group, size = _ep_group()
+        experts = moe.experts.local_experts
+        fc1_nFD = torch.stack([e.linear_fc1.weight.detach() for e in experts])  # [n, 2m, D]: [gate; up]
+        fc2_nDm = torch.stack([e.linear_fc2.weight.detach() for e in experts])  # [n, D, m]
+        fc1_NFD = _all_gather(fc1_nFD, group, size)
+        fc2_NDm = _all_gather(fc2_nDm, group, size)
+        gate, up = fc1_NFD.chunk(2, dim=1)
+        self.gate_FD = gate.reshape(-1, gate.shape[-1]).clone()
+        self.up_FD = up.reshape(-1, up.shape[-1]).clone()
+        self.down_DF = fc2_NDm.permute(1, 0, 2).reshape(fc2_NDm.shape[1], -1).clone()
+        self.activation = experts[0].activation_func
+
+    def __call__(self, x_TD):
+        h = self.activation(x_TD @ self.gate_FD.t()) * (x_TD @ self.up_FD.t())
+        return h @ self.down_DF.t()
+
+
+class _PAHook:
+    """Forward hook of one MoELayer: attaches the PA and balance losses while training."""
+
+    def __init__(self, moe, options: FactorLLMOptions, layer: int):
+        self.moe, self.options, self.layer = moe, options, layer
+        self.name = f"decoder.layers.{layer}.mlp"
+        self.teacher = _Teacher(moe)
+
+    def errors(self, x_TD):
+        """Per-expert errors [T, N] of this rank's tokens (all experts, no gradient)."""
+        group, size = _ep_group()
+        with torch.no_grad():
+            x_all = _all_gather(x_TD, group, size)
+            teacher_all = _all_gather(self.teacher(x_TD), group, size)
+            scale = self.moe.router.scale
+            outs = torch.stack([expert(x_all)[0] for expert in self.moe.experts.local_experts], dim=1)
+            err_all = F.expert_errors(outs, teacher_all, scale)  # [ep*T, n]
+            err_all = _all_gather(err_all, group, size, dim=1)  # [ep*T, N], global expert order
+            rank = torch.distributed.get_rank(group) if size > 1 else 0
+            return err_all[rank * x_TD.shape[0]:(rank + 1) * x_TD.shape[0]]
+
+    def __call__(self, module, args, kwargs, output):
+        if not (module.training and torch.is_grad_enabled()):
+            return output
+        hidden = args[0] if args else kwargs["hidden_states"]
+        x_TD = hidden.reshape(-1, hidden.shape[-1])
+        # padding from the model's forward (install_context_hooks), as for the MoLE routers
+        ctx = routing_context(hidden.shape, self.layer, True)
+        router = module.router
+        logits_TN = F.router_logits(x_TD, router.weight, router.bias)
+        errors_TN = self.errors(x_TD)
+        pa = F.pa_loss(logits_TN, errors_TN, router.topk, ctx.mask_T)
+        chosen_TK = F.select(logits_TN, router.topk)
+        balance = load_balancing_loss(torch.softmax(logits_TN, -1), chosen_TK, ctx.mask_T)
+        total = self.options.pa_loss_coeff * pa + self.options.balance_loss_coeff * balance
+        with torch.no_grad():
+            best = torch.topk(-errors_TN, router.topk, -1).indices.sort(-1).values
+            agree = (best == chosen_TK.sort(-1).values).all(-1).float().mean()
+        AUX_LOSS_TRACKER.record(self.name, {"pa_loss": pa.detach(), "balance_loss": balance.detach(),
+                                            "aux_loss": total.detach(), "prior_agreement": agree})
+        y, bias = output
+        return attach_aux_loss(y, total), bias
+
+
+def apply_factorllm(model, options: Optional[FactorLLMOptions] = None):
+    """Prepare a factorised model for FactorLLM training: freeze all but the experts and
+    routers (or the routers only), hook the PA and balance losses. Returns the hook handles."""
+    from megatron.core import parallel_state as ps
+
+    options = options or FactorLLMOptions()
+    layers = moe_layers(model)
+    if not layers:
+        raise ConfigError("method 'factorllm' needs a factorised base (megatron-mole factorize): this model has "
+                          "no FactorLLM MoE layer")
+    if ps.get_tensor_model_parallel_world_size() != 1:
+        raise ConfigError(f"method 'factorllm' trains at tp=1 (got tp={ps.get_tensor_model_parallel_world_size()}); "
+                          f"use pp, ep and data parallelism")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    install_context_hooks(model)
+    handles = []
+    for layer, moe in layers:
+        for p in moe.router.parameters():
+            p.requires_grad_(True)
+        if options.trainable == "experts+routers":
+            for p in moe.experts.parameters():
+                p.requires_grad_(True)
+        handles.append(moe.register_forward_hook(_PAHook(moe, options, layer), with_kwargs=True))
+    return handles
+
+
+@register_method
+class FactorLLMMethod(Method):
+    """``MoLEConfig(method="factorllm")``: no adapters; ``apply_mole`` hands the model to
+    :func:`apply_factorllm` (the loss weights come from ``options``)."""
+
+    name = "factorllm"
+
+    def kind_for(self, cfg, linear, in_dense_mlp):  # pragma: no cover - apply_model replaces the walk
+        raise NotImplementedError("factorllm adapts whole MoE layers")
+
+    def apply_model(self, model, cfg, options=None):
+        apply_factorllm(model, options)
+        return model
