@@ -269,6 +269,9 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig, options=None) -> nn.Module:
         wrapper.init_adapters(cfg.seed)
         mark_parallel_attributes(wrapper)
     install_context_hooks(model)
+    embedding = getattr(model, "embedding", None)
+    if isinstance(embedding, nn.Module):
+        embedding.register_forward_hook(_embedding_output_requires_grad)
     model.mole_config = cfg
     return model
 
@@ -307,6 +310,19 @@ def _check_expert_layout(gpath: str) -> None:
     if ep > 1 or etp > 1:
         raise NotImplementedError(f"adapting {gpath!r} inside routed MoE experts needs expert-parallel and "
                                   f"expert-tensor-parallel size 1 (got ep={ep}, etp={etp})")
+
+
+def _embedding_output_requires_grad(module, args, output):
+    """Full activation recompute (Megatron's reentrant ``tensor_parallel.checkpoint``)
+    returns outputs that require grad only when an *input* does; with the base frozen the
+    first layer's input (the embedding output) does not, so every adapter of a
+    recomputed chunk would silently get no gradient (the PEFT + recompute failure).
+    Marking the embedding output costs one extra input-gradient of the first layer."""
+    config = getattr(module, "config", None)
+    if (getattr(config, "recompute_granularity", None) == "full" and torch.is_grad_enabled()
+            and isinstance(output, torch.Tensor) and not output.requires_grad):
+        return output.detach().requires_grad_(True)
+    return output
 
 
 def mark_parallel_attributes(wrapper: AdapterWrapper) -> None:

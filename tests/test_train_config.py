@@ -60,6 +60,11 @@ def test_defaults_from_a_minimal_config():
     ({"parallel": {"vpp": 2}}, "parallel.vpp", "needs pp >= 2"),
     ({"parallel": {"micro_batch": 3, "global_batch": 8}}, "parallel.global_batch", "not a multiple of micro_batch=3"),
     ({"parallel": {"sequence_parallel": True}}, "parallel.sequence_parallel", "needs tp > 1"),
+    ({"parallel": {"recompute": "all"}}, "parallel.recompute", "must be one of none, selective, full"),
+    ({"parallel": {"recompute": "selective", "recompute_num_layers": 2}}, "parallel.recompute_num_layers",
+     "applies to recompute: full only"),
+    ({"parallel": {"recompute": "full", "recompute_method": "all"}}, "parallel.recompute_method",
+     "must be 'uniform', 'block' or null"),
     ({"optimizer": {"lr": "fast"}}, "optimizer.lr", "expected a number, got 'fast'"),
     ({"optimizer": {"betas": [0.9]}}, "optimizer.betas", "expected a list of 2 values"),
     ({"optimizer": {"betas": [0.9, 1.5]}}, "optimizer.betas", "each must lie in [0, 1)"),
@@ -147,6 +152,19 @@ def test_round_trip_through_yaml(tmp_path):
 ])
 def test_data_parallel_size(world, layout, expected):
     assert T.ParallelConfig(**layout).data_parallel_size(world) == expected
+
+
+def test_recompute_overrides_are_megatron_fields():
+    from megatron.core.transformer import TransformerConfig
+
+    P = T.ParallelConfig
+    assert P().recompute_overrides() == {}
+    assert P(recompute="selective").recompute_overrides() == {"recompute_granularity": "selective"}
+    full = P(recompute="full", recompute_method="block", recompute_num_layers=2).recompute_overrides()
+    assert full == {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 2}
+    assert P(recompute="full").recompute_overrides()["recompute_method"] == "uniform"
+    fields = set(TransformerConfig.__dataclass_fields__)
+    assert set(full) <= fields
 
 
 def test_data_parallel_size_errors():

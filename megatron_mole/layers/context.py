@@ -15,6 +15,14 @@ their rows (s-major, the full sequence, as routers see it). Without a hook or
 inputs (Hugging Face inference, plain modules) the context holds only the
 layout, the layer and the mode.
 
+Activation recompute: Megatron's ``tensor_parallel.checkpoint`` re-runs a layer in
+backward, after the model's forward hook has forgotten these inputs. The guard that
+:func:`install_context_hooks` installs (:func:`keep_inputs_under_recompute`) wraps the
+function each checkpoint replays: the first call (the forward) runs as is, the replay
+runs with the inputs of that forward restored and under ``routing.recomputing()``, so
+the router sees the same padding, takes the same decisions, and per-forward statistics
+are not counted twice. (Megatron's fp8 path, ``te_checkpoint``, is not wrapped.)
+
 Legend: B batch, S sequence, T = S * B rows (s-major).
 """
 from contextlib import contextmanager
@@ -22,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from megatron_mole.routing import RoutingContext
+from megatron_mole.routing import RoutingContext, recomputing
 
 _INPUTS = {"padding_mask": None, "segment_ids": None, "condition": None}
 
@@ -59,6 +67,71 @@ def forget_padding_mask(module, args, output):
 def install_context_hooks(model: torch.nn.Module) -> None:
     model.register_forward_pre_hook(record_padding_mask, with_kwargs=True)
     model.register_forward_hook(forget_padding_mask)
+    keep_inputs_under_recompute()
+
+
+def _active_fork():
+    """The RNG-tracker stream Megatron runs in now (its TransformerBlock forks the
+    model-parallel stream for the whole block under sequence parallelism), or None."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    tracker = mrandom.get_cuda_rng_tracker()
+    name = getattr(tracker, "_current_state_name", None)
+    if name in (None, "default-rng") or name not in getattr(tracker, "states_", {}):
+        return None
+    return tracker, name
+
+
+@contextmanager
+def _in_fork(active):
+    """Replay inside the stream the forward ran in, from the live generator state the
+    checkpoint restored. (Megatron's replay runs outside the block's fork: a nested fork of
+    that stream inside the layer would restart from the tracker's stale saved state.)"""
+    if active is None:
+        yield
+        return
+    from megatron.core.tensor_parallel import random as mrandom
+
+    tracker, name = active
+    tracker.states_[name] = mrandom._get_cuda_rng_state()
+    with tracker.fork(name):
+        yield
+
+
+def _replaying(function):
+    """``function`` whose second and later calls (recompute replays) see the routing
+    inputs and the RNG stream of the first call."""
+    saved = dict(_INPUTS)
+    active = _active_fork()
+    calls = [0]
+
+    def run(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 1:
+            return function(*args, **kwargs)
+        with routing_inputs(**saved), recomputing(), _in_fork(active):
+            return function(*args, **kwargs)
+    return run
+
+
+def keep_inputs_under_recompute() -> bool:
+    """Wrap Megatron's ``tensor_parallel.checkpoint`` (once per process; any device) so
+    that recompute replays see their forward's routing inputs. False without Megatron."""
+    try:
+        from megatron.core import tensor_parallel
+        from megatron.core.tensor_parallel import random as mrandom
+    except ImportError:
+        return False
+    original = tensor_parallel.checkpoint
+    if getattr(original, "_mole_keeps_inputs", False):
+        return True
+
+    def checkpoint(function, distribute_saved_activations, *args):
+        return original(_replaying(function), distribute_saved_activations, *args)
+
+    checkpoint._mole_keeps_inputs = True
+    tensor_parallel.checkpoint = mrandom.checkpoint = checkpoint
+    return True
 
 
 def _rows(values_BS: Optional[torch.Tensor], seq: int, batch: int) -> Optional[torch.Tensor]:

@@ -185,12 +185,23 @@ class TPPlacement(NoParallel):
 
     def dropout(self, x, p: float, training: bool):
         """A TP-sharded input (row-parallel base) draws its mask from Megatron's
-        model-parallel RNG stream; a replicated input from the default stream,
-        identical on the TP ranks."""
-        if p == 0 or not training or not (self.kind == "row" and self.tp_size > 1):
+        model-parallel RNG stream; a replicated input from a stream identical on the TP
+        ranks: the default one, or under sequence parallelism the tracker's data-parallel
+        stream. There Megatron's TransformerBlock runs inside the model-parallel fork
+        (the default generator *is* that TP-rank-dependent stream), and a draw outside a
+        fork would also desynchronise the tracker's saved state from the live one, which
+        activation recompute restores: the replay would draw other masks."""
+        if p == 0 or not training or self.tp_size == 1:
+            return super().dropout(x, p, training)
+        if self.kind == "row":
+            stream = None  # Megatron's model-parallel stream
+        elif self.sequence_parallel:
+            from megatron.core.tensor_parallel import random as mrandom
+            stream = getattr(mrandom, "_DATA_PARALLEL_RNG_TRACKER_NAME", "data-parallel-rng")
+        else:
             return super().dropout(x, p, training)
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-        with get_cuda_rng_tracker().fork():
+        with get_cuda_rng_tracker().fork(*(() if stream is None else (stream,))):
             return torch.nn.functional.dropout(x, p, training=True)
 
     def shares_sp_collectives(self, base=None) -> bool:

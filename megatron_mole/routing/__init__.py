@@ -20,7 +20,9 @@ from megatron_mole.routing.losses import (
     AuxLossScaler,
     AuxLossTracker,
     attach_aux_loss,
+    is_recomputing,
     load_balancing_loss,
+    recomputing,
     set_aux_loss_scale,
     z_loss,
 )
@@ -28,6 +30,6 @@ from megatron_mole.routing import dynmole, gw, mor, topk  # noqa: F401  (registr
 
 __all__ = [
     "ROUTERS", "Router", "RouterTensor", "Routing", "RoutingContext", "build_router", "register_router", "AUX_LOSS_TRACKER",
-    "AuxLossScaler", "AuxLossTracker", "attach_aux_loss", "load_balancing_loss",
+    "AuxLossScaler", "AuxLossTracker", "attach_aux_loss", "is_recomputing", "load_balancing_loss", "recomputing",
     "set_aux_loss_scale", "z_loss",
 ]

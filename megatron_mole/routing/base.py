@@ -28,6 +28,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from megatron_mole.routing.losses import is_recomputing
+
 ROUTERS: Dict[str, type] = {}
 
 
@@ -168,7 +170,7 @@ class Router(nn.Module):
         sum_E, total = sum_E.detach().float(), total.detach().float()
         if self.cfg.balance != "global":
             return sum_E / total.clamp(min=1.0)
-        if training:
+        if training and not is_recomputing():  # a recompute replay counted once
             self._balance_sum.add_(sum_E)
             self._balance_n.add_(total)
         return self.balance_fraction.detach().float()

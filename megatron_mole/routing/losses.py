@@ -14,9 +14,29 @@ as Megatron's schedules do for MoEAuxLossAutoScaler.
 Legend: T tokens, E experts, K = top_k.
 """
 from collections import defaultdict
+from contextlib import contextmanager
 from typing import Dict, Optional
 
 import torch
+
+_RECOMPUTING = [0]
+
+
+@contextmanager
+def recomputing():
+    """Marks the forward run inside it as an activation-recompute replay (Megatron's
+    ``tensor_parallel.checkpoint`` re-running a layer in backward): statistics that
+    accumulate per forward (the tracker below, global balance sums, load counters) were
+    already taken by the first forward and must not count the replay again."""
+    _RECOMPUTING[0] += 1
+    try:
+        yield
+    finally:
+        _RECOMPUTING[0] -= 1
+
+
+def is_recomputing() -> bool:
+    return _RECOMPUTING[0] > 0
 
 
 def _valid(mask_T: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
@@ -114,11 +134,17 @@ class AuxLossTracker:
         self._counts: Dict[str, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
     def record(self, layer: str, stats: Dict[str, torch.Tensor]) -> None:
+        if is_recomputing():  # the first forward of this layer recorded them
+            return
         for key, value in stats.items():
             value = value.detach().float()
             prev = self._sums[layer].get(key)
             self._sums[layer][key] = value if prev is None else prev + value
             self._counts[layer][key] += 1
+
+    def calls(self) -> Dict[str, Dict[str, int]]:
+        """How many forwards recorded each statistic since the last reset."""
+        return {layer: dict(counts) for layer, counts in self._counts.items()}
 
     def report(self, reset: bool = True) -> Dict[str, Dict[str, float]]:
         out = {layer: {key: float(total) / self._counts[layer][key] for key, total in stats.items()}

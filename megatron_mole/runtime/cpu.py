@@ -197,6 +197,16 @@ def _patch_torch_cuda():
     return _undo_all(undos)
 
 
+class _DropMessage:
+    """A logging filter that drops one message."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def filter(self, record) -> bool:
+        return record.getMessage() != self.message
+
+
 def _patch_rng_tracker():
     from megatron.core.tensor_parallel import random as mrandom
 
@@ -225,7 +235,12 @@ def _patch_rng_tracker():
     def set_state(new_state, device=-1, graph_safe=False):
         torch.set_rng_state(new_state)
 
+    # The tracker's fork() warns when the CPU state changes inside a "CUDA" fork: here both
+    # are the one CPU generator, so every dropout under a fork would warn.
+    quiet = _DropMessage("CPU RNG state changed within GPU RNG context")
+    mrandom.logging.getLogger(mrandom.__name__).addFilter(quiet)
     undos = [
+        lambda: mrandom.logging.getLogger(mrandom.__name__).removeFilter(quiet),
         _swap(mrandom, "CudaRNGStatesTracker", CpuRNGStatesTracker),
         _swap(mrandom, "_get_cuda_rng_state", get_state),
         _swap(mrandom, "_set_cuda_rng_state", set_state),

@@ -66,7 +66,11 @@ class RouterLoadMonitor:
 
     def counting_hook(self, layer: str, num_experts: int):
         """A router forward hook adding the expert load of ``layer`` to ``counts``."""
+        from megatron_mole.routing import is_recomputing
+
         def count(module, args, kwargs, routing):
+            if is_recomputing():  # an activation-recompute replay: counted by the first forward
+                return
             expert_idx_TK = routing.expert_idx_TK.detach()
             weight_TK = None
             if routing.mask_T is not None:  # padding tokens are not load

@@ -130,12 +130,14 @@ def _file_sha256(path: Path) -> str | None:
 def _base_overrides(cfg: TrainConfig) -> dict:
     """TransformerConfig overrides for ``load_model``: sequence parallelism as configured (a dense
     base at ep > 1 is handled by ``load_model`` itself), and unbatched pipeline p2p for the virtual
-    pipeline at pp=2. There a rank's previous and next stage are one peer, and Megatron-core's
+    pipeline at pp=2 (there a rank's previous and next stage are one peer, and Megatron-core's
     batched ops post [send_prev, recv_prev, send_next, recv_next]: the peer's gradient and activation
     (same shape) are matched to the receives crosswise, silently (tests/test_megatron_p2p.py). Its
-    unbatched path orders the ops by even/odd rank and is exact (PP2 x VPP2 = PP2 bit for bit)."""
+    unbatched path orders the ops by even/odd rank and is exact: PP2 x VPP2 = PP2 bit for bit), and
+    the activation recompute of ``parallel.recompute`` (Megatron's recompute_* fields)."""
     p = cfg.parallel
     overrides = {"sequence_parallel": True} if p.sequence_parallel else {}
+    overrides.update(p.recompute_overrides())
     if p.pp == 2 and p.vpp not in (None, 1):
         overrides["batch_p2p_comm"] = False
     return overrides

@@ -81,6 +81,9 @@ class BaseConfig:
         return self.tokenizer or self.checkpoint
 
 
+RECOMPUTE = ("none", "selective", "full")
+
+
 @dataclass
 class ParallelConfig:
     tp: int = 1
@@ -90,6 +93,13 @@ class ParallelConfig:
     sequence_parallel: bool = False
     micro_batch: int = 1
     global_batch: int = 8
+    # Activation recompute (Megatron's recompute_granularity): "selective" recomputes the
+    # core attention of every layer, "full" whole layers chosen by recompute_method
+    # ("uniform": chunks of recompute_num_layers layers, "block": the first
+    # recompute_num_layers layers of each pipeline stage); defaults uniform, 1.
+    recompute: str = "none"
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
 
     def __post_init__(self):
         for name in ("tp", "pp", "ep", "micro_batch", "global_batch"):
@@ -100,6 +110,26 @@ class ParallelConfig:
         _require(self.global_batch % self.micro_batch == 0, "global_batch",
                  f"global_batch={self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
         _require(not self.sequence_parallel or self.tp > 1, "sequence_parallel", "needs tp > 1")
+        _require(self.recompute in RECOMPUTE, "recompute",
+                 f"must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
+        full = self.recompute == "full"
+        _require(self.recompute_method in (None, "uniform", "block"), "recompute_method",
+                 f"must be 'uniform', 'block' or null, got {self.recompute_method!r}")
+        _require(full or self.recompute_method is None, "recompute_method",
+                 f"applies to recompute: full only (recompute is {self.recompute!r})")
+        _require(full or self.recompute_num_layers is None, "recompute_num_layers",
+                 f"applies to recompute: full only (recompute is {self.recompute!r})")
+        _require(self.recompute_num_layers is None or self.recompute_num_layers >= 1, "recompute_num_layers",
+                 f"must be >= 1 or null, got {self.recompute_num_layers}")
+
+    def recompute_overrides(self) -> dict:
+        """The TransformerConfig fields of this recompute setting."""
+        if self.recompute == "none":
+            return {}
+        if self.recompute == "selective":
+            return {"recompute_granularity": "selective"}
+        return {"recompute_granularity": "full", "recompute_method": self.recompute_method or "uniform",
+                "recompute_num_layers": self.recompute_num_layers or 1}
 
     def data_parallel_size(self, world_size: int) -> int:
         """Data-parallel size at ``world_size`` ranks; checks that the layout and batch sizes fit."""
