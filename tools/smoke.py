@@ -21,9 +21,11 @@ VOCAB = 128
 SEQ = 16
 
 
-def build_gpt(moe=False, sequence_parallel=False, vocab=VOCAB, seq=SEQ, num_layers=2, hybrid=False, **overrides):
+def build_gpt(moe=False, sequence_parallel=False, vocab=VOCAB, seq=SEQ, num_layers=2, hybrid=False,
+              attention="local", **overrides):
     """Megatron's GPTModel, or with ``hybrid`` its HybridModel of the same layers (pattern
-    "*-" / "*E" per GPT layer, the same local layer spec; megatron-core >= 0.19)."""
+    "*-" / "*E" per GPT layer, the same local layer spec; megatron-core >= 0.19).
+    ``attention="sdpa"``: torch's fused core attention (runtime/attention.py)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -69,6 +71,11 @@ def build_gpt(moe=False, sequence_parallel=False, vocab=VOCAB, seq=SEQ, num_laye
     spec = get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm"
     )
+    if attention != "local":
+        from megatron_mole.runtime.attention import resolve_attention, with_core_attention
+
+        if resolve_attention(attention, config) == "sdpa":
+            spec = with_core_attention(spec)
     if hybrid:
         import dataclasses
 

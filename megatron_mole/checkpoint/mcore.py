@@ -77,9 +77,14 @@ def build_model(
     config_overrides: Optional[Dict[str, Any]] = None,
     vp_stage: Optional[int] = None,
     model: str = "gpt",
+    attention: str = "auto",
 ):
     """Megatron's GPTModel (``model="hybrid"``: HybridModel) for ``spec`` at the current
     parallel layout, weights not initialised.
+
+    ``attention``: the layers' core attention, "local" (Megatron's DotProductAttention,
+    which keeps [heads, s, s] probabilities for backward), "sdpa" (torch's fused
+    attention, runtime/attention.py) or "auto" (sdpa when the config allows it).
 
     Parameters are allocated on ``device`` (CPU when None): on CPU through Megatron's
     ``use_cpu_initialization``, on CUDA on the current device as Megatron usually does.
@@ -130,6 +135,9 @@ def build_model(
         fields["virtual_pipeline_model_parallel_size"] = vpp
     fields.update(config_overrides or {})
     config = TransformerConfig(**fields)
+    from megatron_mole.runtime.attention import resolve_attention, with_core_attention
+
+    sdpa = resolve_attention(attention, config) == "sdpa"
     if isinstance(fields.get("moe_layer_freq"), list):
         # Dense and MoE layers mixed: Megatron's block spec slices the pattern per stage.
         layer_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
@@ -147,12 +155,14 @@ def build_model(
         from megatron_mole.layers.factorllm import factorllm_layer_spec
 
         layer_spec = factorllm_layer_spec(layer_spec)
+    if sdpa:
+        layer_spec = with_core_attention(layer_spec)
     gpt = dict(spec["gpt"])
     stages = dict(pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
                   post_process=ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
                   vp_stage=vp_stage)
     if model == "hybrid":
-        built = _build_hybrid(config, fields, gpt, stages, vpp)
+        built = _build_hybrid(config, fields, gpt, stages, vpp, sdpa)
     else:
         built = GPTModel(config, layer_spec, **stages, **gpt)
     restore_tensor_parallel_attributes(built)
@@ -164,7 +174,7 @@ def build_model(
 build_gpt_model = build_model  # the original name
 
 
-def _build_hybrid(config, fields, gpt, stages, vpp):
+def _build_hybrid(config, fields, gpt, stages, vpp, sdpa=False):
     """HybridModel of the same base: one "*-" ("*E" for MoE) pair per GPT layer, the same
     local layer specs, a "|" between pipeline (and virtual pipeline) stages."""
     import dataclasses as dc
@@ -199,6 +209,11 @@ def _build_hybrid(config, fields, gpt, stages, vpp):
     if any(moe):
         moe_spec = get_gpt_layer_local_spec(num_experts=fields["num_moe_experts"], normalization="RMSNorm",
                                             moe_grouped_gemm=bool(fields.get("moe_grouped_gemm", False)))
+    if sdpa:
+        from megatron_mole.runtime.attention import with_core_attention
+
+        dense_spec = with_core_attention(dense_spec)
+        moe_spec = None if moe_spec is None else with_core_attention(moe_spec)
     return compat.build_hybrid_model(config, dense_spec, pattern, moe_layer_spec=moe_spec, **stages, **gpt)
 
 
@@ -361,6 +376,7 @@ def load_model_chunks(
     config_overrides: Optional[Dict[str, Any]] = None,
     device: Optional[torch.device] = None,
     model: str = "gpt",
+    attention: str = "auto",
 ) -> List[Any]:
     """The model chunks of this rank: one per virtual pipeline stage (one without VPP).
 
@@ -372,7 +388,8 @@ def load_model_chunks(
     loading casts each tensor, exactly when widening. Megatron fixes its bf16/fp16
     handling (softmax casts, pipeline buffers) at construction, hence no cast afterwards.
     ``config_overrides`` replaces TransformerConfig fields (fusions on GPUs,
-    recomputation, the MoE dispatcher).
+    recomputation, the MoE dispatcher). ``attention``: "auto" | "local" | "sdpa" (see
+    :func:`build_model`).
     """
     from megatron.core import parallel_state as ps
 
@@ -385,7 +402,8 @@ def load_model_chunks(
     dtype = params_dtype or dtype_from_name(spec["params_dtype"])
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     stages = [None] if vpp is None or vpp == 1 else list(range(vpp))
-    chunks = [build_model(spec, dtype, device, config_overrides, vp_stage=stage, model=model) for stage in stages]
+    chunks = [build_model(spec, dtype, device, config_overrides, vp_stage=stage, model=model, attention=attention)
+              for stage in stages]
     _load_into(chunks, os.path.join(mcore_dir, DIST_DIR))
     return chunks
 
@@ -396,6 +414,7 @@ def load_model(
     config_overrides: Optional[Dict[str, Any]] = None,
     device: Optional[torch.device] = None,
     model: str = "gpt",
+    attention: str = "auto",
 ):
     """Build the GPTModel (``model="hybrid"``: HybridModel) of a converted checkpoint at the
     current layout and load it.
@@ -403,7 +422,7 @@ def load_model(
     Arguments as :func:`load_model_chunks`; with a virtual pipeline use that function
     (this rank then holds several chunks).
     """
-    chunks = load_model_chunks(mcore_dir, params_dtype, config_overrides, device, model=model)
+    chunks = load_model_chunks(mcore_dir, params_dtype, config_overrides, device, model=model, attention=attention)
     if len(chunks) != 1:
         raise ValueError(f"a virtual pipeline of {len(chunks)} stages is set: use load_model_chunks()")
     return chunks[0]

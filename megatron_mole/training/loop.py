@@ -173,7 +173,7 @@ class Trainer:
         # One chunk per virtual pipeline stage (one without VPP); every list below follows them.
         chunks = load_model_chunks(cfg.base.checkpoint, params_dtype=self.dtype,
                                    config_overrides=_base_overrides(cfg), device=self.device,
-                                   model=cfg.base.model)
+                                   model=cfg.base.model, attention=cfg.base.attention)
         self.mole_config = mm.MoLEConfig(**cfg.effective_mole())
         self.factorllm = self.mole_config.method == "factorllm"
         self.tune_routers = cfg.trainable == "routers"

@@ -71,10 +71,15 @@ class BaseConfig:
     # Megatron model built from the checkpoint: "gpt" (GPTModel) or "hybrid" (HybridModel of the
     # same weights, megatron-core >= 0.19); adapters are named alike (README "HybridModel").
     model: str = "gpt"
+    # Core attention: "sdpa" (torch's fused attention, no [heads, s, s] tensor kept), "local"
+    # (Megatron's DotProductAttention) or "auto" (sdpa unless the base needs local: sliding windows)
+    attention: str = "auto"
 
     def __post_init__(self):
         _require(bool(self.checkpoint), "checkpoint", "must name the converted base checkpoint directory")
         _require(self.model in ("gpt", "hybrid"), "model", f"must be 'gpt' or 'hybrid', got {self.model!r}")
+        _require(self.attention in ("auto", "local", "sdpa"), "attention",
+                 f"must be one of auto, local, sdpa, got {self.attention!r}")
 
     @property
     def tokenizer_dir(self) -> str:
