@@ -216,7 +216,8 @@ def test_tp1_logits_match_transformers(converted, name):
 def test_verify_fp32_bf16_and_corrupted(converted):
     _, results = converted
     fp32 = results["fp32"]
-    assert fp32["dtype"] == "float32" and fp32["ok"] and 0 < fp32["max_rel"] <= 1e-4, fp32
+    # (0 is possible: with sdpa core attention, the default, both sides run torch sdpa)
+    assert fp32["dtype"] == "float32" and fp32["ok"] and 0 <= fp32["max_rel"] <= 1e-4, fp32
     # bf16 weights on both sides, float64 compute: as exact as an fp32 conversion
     assert results["bf16"]["ok"] and results["bf16"]["max_rel"] <= FP64_TOLERANCE, results["bf16"]
     status, printed, first = results["corrupt"]
