@@ -14,6 +14,8 @@ One launch runs several jobs through the real entry point (``megatron_mole.cli.m
   resume in Megatron's HybridModel of the same checkpoint: the same step-3 loss as D;
 - E: ``--strict`` refuses the data's bad lines (exit status 2); A reports them, with line numbers;
 - F: a fresh run saving into A's directory (which holds step 4) is refused before training;
+- R: D with ``parallel.recompute: full``: the same step-3 loss and gradient norm;
+- M: a memory limit below the estimate stops the job before loading, naming the biggest term;
 - G: B again on A's data preprocessed (``data.prefix``, megatron-mole preprocess): B's losses bit
   for bit (same rows, same sampler state).
 
@@ -30,7 +32,7 @@ import yaml
 from tests._dist import run_distributed
 
 LAYOUTS = {"C": ["parallel.tp=2", "parallel.ep=1"], "P": ["parallel.pp=2", "parallel.ep=1"],
-           "Q": ["parallel.ep=1"], "D": []}
+           "Q": ["parallel.ep=1"], "D": [], "R": ["parallel.recompute=full"]}
 BAD_LINES = {3: "{not json", 7: json.dumps({"messages": [{"role": "user", "content": "no domain"}]})}
 
 
@@ -87,6 +89,13 @@ def _jobs(work):
                      "--load", str(work / "A"), "--load-step", "2", "--log-jsonl", str(work / "G.jsonl")])
     out["E"] = main(["train", "--config", cfg, "--strict"])
     out["F"] = main(["train", "--config", cfg, "--save", str(work / "A")])  # A holds step 4: refused
+    from megatron_mole.training.memory import LIMIT_ENV
+
+    os.environ[LIMIT_ENV] = "0.001"  # M: more memory than the (fake) device has: refused before loading
+    try:
+        out["M"] = main(["train", "--config", cfg])
+    finally:
+        del os.environ[LIMIT_ENV]
     return out
 
 
@@ -104,6 +113,8 @@ def test_resume_exact_and_at_another_layout(work, capfd):
     for other in ("C", "P", "Q"):
         assert rank0[other]["start"] == 2 and rank0[other]["resharded"]
         assert rank0[other]["loss"] == pytest.approx(d["loss"], rel=1e-5), other
+    r = rank0["R"]["record"]  # activation recompute: the same step
+    assert r["loss"] == d["record"]["loss"] and r["grad_norm"] == pytest.approx(d["record"]["grad_norm"], rel=1e-6)
     if "H" in rank0:  # GPT-trained adapters resumed in the HybridModel
         h = rank0["H"]
         assert h["start"] == 2 and h["loss"] == pytest.approx(d["loss"], rel=1e-5)
@@ -118,6 +129,8 @@ def test_resume_exact_and_at_another_layout(work, capfd):
     for name, layout in LAYOUTS.items():
         result = estimate(shapes, load_train_config(work / "config.yaml", layout), world_size=2, dtype_bytes=4)
         for rank, out in enumerate((rank0, rank1)):
+            if name == "R":
+                continue
             stage = "last stage" if name == "P" and rank == 1 else "first stage"
             assert out[name]["params"] == result[stage]["adapter_param_count"], (name, rank)
     assert p["record"]["expert_load"].keys() == d["record"]["expert_load"].keys()  # both stages reported
@@ -130,8 +143,11 @@ def test_resume_exact_and_at_another_layout(work, capfd):
 
     path = str(work / "data" / "bad.jsonl")
     assert [line.split(": ")[0] for line in rank0["C"]["bad"]] == [f"{path}:{n}" for n in sorted(BAD_LINES)]
-    assert rank0["E"] == rank1["E"] == rank0["F"] == rank1["F"] == 2
+    assert rank0["E"] == rank1["E"] == rank0["F"] == rank1["F"] == rank0["M"] == rank1["M"] == 2
     captured = capfd.readouterr()
+    assert "memory estimate for rank 0 (pipeline stage 0):" in captured.out  # printed at start
+    assert ("the biggest term base_weights" in captured.err and "exceeds the 0.00 GiB available "
+            "($MEGATRON_MOLE_MEMORY_LIMIT_GIB): raise parallel.tp or parallel.pp" in captured.err), captured.err
     assert f"{path}:3: invalid JSON" in captured.out + captured.err
     assert "adapters and optimizer state resharded" in captured.out
     assert f"{work / 'A'} already holds step_4, beyond this run's start (step 0)" in captured.err

@@ -170,6 +170,7 @@ class Trainer:
                                         seed=cfg.data_seed, packing=cfg.data.packing, dp_rank=self.dp_rank,
                                         dp_size=self.dp)
 
+        self.memory_line = self._check_memory()  # before the base is loaded: stop early, with a reason
         # One chunk per virtual pipeline stage (one without VPP); every list below follows them.
         chunks = load_model_chunks(cfg.base.checkpoint, params_dtype=self.dtype,
                                    config_overrides=_base_overrides(cfg), device=self.device,
@@ -223,6 +224,29 @@ class Trainer:
         self.resharded = False
         self.base_ref = {"checkpoint": os.path.abspath(cfg.base.checkpoint),
                          "spec_sha256": _file_sha256(Path(cfg.base.checkpoint) / "mcore_config.json")}
+
+    def _check_memory(self):
+        """This rank's memory estimate (training/memory.py) as one line; raises ConfigError naming the
+        biggest term when it exceeds the device's memory (CPU: MemAvailable shared by this node's ranks)."""
+        import json
+
+        from megatron.core import parallel_state as ps
+
+        from megatron_mole.training import memory
+
+        hf_config = Path(self.cfg.base.checkpoint) / "hf" / "config.json"
+        if not hf_config.is_file():
+            return f"memory estimate: skipped ({hf_config} is missing)"
+        try:
+            shapes = memory.shapes_from_hf_config(json.loads(hf_config.read_text()))
+        except (KeyError, ValueError) as error:
+            return f"memory estimate: skipped ({hf_config}: {error})"
+        stage = ps.get_pipeline_model_parallel_rank()
+        name = "last stage" if stage == self.info.pp - 1 else "first stage"
+        entry = memory.estimate(shapes, self.cfg, self.info.world_size, self.dtype.itemsize)[name]
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        available, source = memory.available_memory(self.device, local_ranks)
+        return memory.check_fits(entry, available, source, self.rank, f"pipeline stage {stage}")
 
     # ------------------------------------------------------------------ checkpoints
     def _read_checkpoint(self):
@@ -408,6 +432,7 @@ class Trainer:
         result = TrainResult(data_report=self.dataset.report)
         self._info(self.dataset.report.summary())
         result.adapter_params = sum(p.numel() for ddp in self.model for p in ddp.parameters() if p.requires_grad)
+        self._info(self.memory_line + " (rank 0; training/memory.py)")
         self._info(f"train: world={self.info.world_size} tp={self.info.tp} pp={self.info.pp} ep={self.info.ep} "
                    f"dp={self.dp} device={self.device.type} dtype={str(self.dtype).replace('torch.', '')} "
                    f"adapter params={result.adapter_params} (rank 0)")

@@ -16,13 +16,19 @@ Counted per rank, for the first and the last pipeline stage (the largest two):
   distributed optimizer;
 - **activations** autograd keeps for one micro-batch in one layer, assuming every input of
   every linear is kept (an upper bound where a frozen linear's input is shared by no adapter),
-  the unfused attention of Megatron's local spec (one [heads/tp, s, s] probability tensor per
-  layer: no flash attention), times the micro-batches 1F1B holds in flight on the stage
+  with ``base.attention: local`` the unfused attention of Megatron's local spec (one
+  [heads/tp, s, s] probability tensor per layer), with ``sdpa`` (the default) only its fp32
+  log-sum-exp per query (torch's flash / memory-efficient kernels on GPUs; on CPU torch's
+  math path may still build the probabilities transiently), times the micro-batches 1F1B holds in flight on the stage
   (``min(pp - stage, num_microbatches)``; interleaved: Megatron's warm-up count of chunk
   micro-batches, ``2 (pp - stage - 1) + (vpp - 1) pp + 1``, each ``1/vpp`` of the stage's
   layers); sequence parallelism divides the hidden-sized ones
   by TP; MoLE adds the expert-sorted copy of the MLP input, its K-row fc1/activation tensors,
-  r-dim LoRA activations and fp32 router logits/probabilities;
+  r-dim LoRA activations and fp32 router logits/probabilities. ``parallel.recompute``:
+  ``selective`` drops the attention probabilities (recomputed); ``full`` keeps only the input
+  of each recomputed chunk (uniform: every ``recompute_num_layers`` layers; block: the first
+  ``recompute_num_layers`` layers of the stage, the others keep everything) plus, once, the
+  activations of the chunk being recomputed in backward;
 - **logits** on the last stage: the output in the run's dtype plus fp32 for the cross entropy.
 
 Not included (add them from your cluster's experience): the CUDA context, NCCL buffers,
@@ -185,7 +191,11 @@ def estimate(shapes: Shapes, cfg, world_size: int, dtype_bytes: int = 2) -> dict
     ad = adapter_params_per_layer(shapes, mole, tp, ep)
     K, E, r = mole.top_k, mole.num_experts, mole.rank
     act = d * T * (2 * hid + (shapes.q_dim + 2 * shapes.kv_dim + 2 * shapes.q_dim + shapes.q_dim) / tp)
-    act += d * b * (shapes.heads / tp) * s * s
+    local_attention = getattr(cfg.base, "attention", "local") == "local"
+    if local_attention and p.recompute != "selective":
+        act += d * b * (shapes.heads / tp) * s * s  # the probabilities, kept for backward
+    elif not local_attention:
+        act += 4 * b * (shapes.heads / tp) * s  # log-sum-exp per query
     act += d * T * 2 * hid
     if shapes.base_experts:
         k = shapes.base_top_k
@@ -217,12 +227,21 @@ def estimate(shapes: Shapes, cfg, world_size: int, dtype_bytes: int = 2) -> dict
             in_flight = min(warmup + 1, num_micro * p.vpp) / p.vpp
         else:
             in_flight = min(pp - stage, num_micro)
+        per_micro, transient = layers * act, 0.0
+        if p.recompute == "full":
+            n = p.recompute_num_layers or 1
+            checkpoint = d * T * hid  # a recomputed chunk keeps its input only
+            if (p.recompute_method or "uniform") == "uniform":
+                per_micro, transient = math.ceil(layers / n) * checkpoint, min(n, layers) * act
+            else:
+                kept = min(n, layers)
+                per_micro, transient = kept * checkpoint + (layers - kept) * act, (act if kept else 0.0)
         entry = {
             "base_weights": base * d,
             "adapter_params": (dense + expert) * d + router * 4,
             "adapter_grads": (dense + expert + router) * 4,
             "optimizer_states": (dense * (8 + main_copy) + router * 8) / opt_div + expert * (8 + main_copy) / exp_div,
-            "activations": layers * act * in_flight,
+            "activations": per_micro * in_flight + transient,
             "logits": (d + 4) * T * vocab / tp if stage == pp - 1 else 0,
             "adapter_param_count": dense + router + expert,
         }
@@ -233,6 +252,58 @@ def estimate(shapes: Shapes, cfg, world_size: int, dtype_bytes: int = 2) -> dict
     out["layout"] = {"world_size": world_size, "tp": tp, "pp": pp, "ep": ep, "dp": dp, "expert_dp": expert_dp,
                      "micro_batches": num_micro, "sequence_parallel": bool(sp), "dtype_bytes": d}
     return out
+
+
+# What to change when a term is the biggest one.
+ADVICE = {
+    "activations": "set parallel.recompute: full (or selective), base.attention: sdpa, a smaller "
+                   "parallel.micro_batch or data.seq_length, or a larger parallel.tp (with sequence_parallel) or pp",
+    "base_weights": "raise parallel.tp or parallel.pp (parallel.ep for an MoE base), or train in bf16",
+    "logits": "lower parallel.micro_batch or data.seq_length, or raise parallel.tp",
+    "optimizer_states": "set optimizer.distributed: true or use more data-parallel ranks",
+    "adapter_params": "lower mole.rank or mole.num_experts, or shard the experts (parallel.ep, mole.dispatch: alltoall)",
+    "adapter_grads": "lower mole.rank or mole.num_experts, or shard the experts (parallel.ep, mole.dispatch: alltoall)",
+}
+LIMIT_ENV = "MEGATRON_MOLE_MEMORY_LIMIT_GIB"  # overrides the detected device memory (GiB per rank)
+
+
+def available_memory(device, local_ranks: int = 1):
+    """(bytes one rank may use, where the figure comes from): ``$MEGATRON_MOLE_MEMORY_LIMIT_GIB``,
+    else the GPU's total memory, else on CPU ``MemAvailable`` of /proc/meminfo shared by the
+    ``local_ranks`` processes of this node; (None, reason) when unknown."""
+    import os
+
+    import torch
+
+    if os.environ.get(LIMIT_ENV):
+        return float(os.environ[LIMIT_ENV]) * GIB, f"${LIMIT_ENV}"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory), "the GPU's memory"
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    kib = float(line.split()[1])
+                    return kib * 1024 / max(1, local_ranks), f"MemAvailable / {local_ranks} ranks on this node"
+    except OSError:
+        pass
+    return None, "no /proc/meminfo"
+
+
+def check_fits(entry: dict, available: float, source: str, rank: int, stage: str) -> str:
+    """The one-line estimate of ``entry`` (one stage of :func:`estimate`); raises ConfigError
+    naming the biggest term and what to change when the total exceeds ``available`` bytes."""
+    from megatron_mole.errors import ConfigError
+
+    terms = {k: v for k, v in entry.items() if k not in ("total", "adapter_param_count")}
+    biggest = max(terms, key=terms.get)
+    line = (f"memory estimate for rank {rank} ({stage}): {entry['total'] / GIB:.2f} GiB, "
+            f"the biggest term {biggest} {terms[biggest] / GIB:.2f} GiB")
+    if available is not None and entry["total"] > available:
+        raise ConfigError(f"{line}, exceeds the {available / GIB:.2f} GiB available ({source}): "
+                          f"{ADVICE[biggest]}")
+    return line + ("" if available is None else f" (of {available / GIB:.2f} GiB available, {source})")
 
 
 def format_estimate(result: dict) -> str:
