@@ -57,7 +57,7 @@ class MoLEConfig:
     balance: str = "global"
     z_loss_coeff: float = 0.0
     lora_b_init: str = "zeros"
-    grouped_mm_backend: str = "loop"
+    grouped_mm_backend: str = "auto"  # experts/grouped.py: loop for few experts, padded bmm for many
     dispatch: str = "auto"
     # all-to-all only: keep at most ceil(capacity_factor * T*K / E) rows per expert and
     # source rank (lowest gates dropped); None = dropless

@@ -64,7 +64,7 @@ def test_periodic_groups_equal_one_weight_per_group():
     w = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
     dy = torch.randn(sum(counts), 4, generator=gen, dtype=torch.float64)
     results = []
-    for backend in ("loop", "test_copies", None):
+    for backend in ("loop", "test_copies", "padded", None):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
         if backend is None:
             y = torch.cat([seg @ wi[g % 3].t() for g, seg in enumerate(xi.split(counts))])
@@ -72,9 +72,18 @@ def test_periodic_groups_equal_one_weight_per_group():
             y = grouped_linear(xi, wi, counts, backend=backend)
         (y * dy).sum().backward()
         results.append((y.detach(), xi.grad, wi.grad))
-    for got in results[:2]:
-        for a, b in zip(got, results[2]):
+    for got in results[:3]:
+        for a, b in zip(got, results[3]):
             torch.testing.assert_close(a, b)
+
+
+def test_auto_backend_pads_many_short_groups_only():
+    from megatron_mole.experts.grouped import GROUPED_MM_BACKENDS
+
+    auto = GROUPED_MM_BACKENDS["auto"]
+    assert auto._pick([32] * 128) is auto.padded  # E=128 experts, 32 rows each
+    assert auto._pick([512] * 8) is auto.loop  # few long segments
+    assert auto._pick([1] * 63 + [500]) is auto.loop  # padding would multiply the work
 
 
 @pytest.mark.parametrize("T,E,K", [(9, 4, 1), (9, 4, 2), (6, 3, 3), (5, 8, 2), (1, 2, 2)])

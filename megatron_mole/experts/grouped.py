@@ -13,6 +13,11 @@ A backend provides two primitives on contiguous segments:
   output (``torch.mm(..., out=y[rows])``); empty groups are skipped. Rows are
   never sliced under autograd (DESIGN §4: per-expert ``x[s:e]`` under autograd
   zero-fills a gradient as large as ``x`` per slice).
+- ``"padded"``: every segment padded to the longest, one ``torch.bmm`` (PaddedBackend).
+- ``"auto"`` (the default): the loop for few groups or long segments, padded for many
+  short ones (MoLE at E >= 16 experts: the MLP's cost at fixed FLOPs stays flat in E,
+  README "Cost flat in the number of experts"). On GPUs the grouped-GEMM path is
+  ``torch_grouped_mm`` (one kernel, no padding; CUTLASS grouped GEMM on sm90).
 - ``"torch_grouped_mm"``: ``torch._grouped_mm`` with int32 offsets where the
   operands are ones it accepts, checked up front (:func:`grouped_mm_supports`:
   CPU or CUDA, both fp32, both bf16 or both fp16, 16-byte aligned data and row
@@ -119,9 +124,83 @@ class TorchGroupedMMBackend(LoopBackend):
         return g_GMN
 
 
+class PaddedBackend(LoopBackend):
+    """Every segment padded to the longest one, one ``torch.bmm`` over the groups: one
+    kernel instead of G small ones (many experts, few rows each, where the loop's per-call
+    cost dominates; DESIGN §4). Padding rows are zeros, so they add nothing to the weight
+    gradients. Costs G * max(counts) rows of work and a gather/scatter of the rows."""
+
+    name = "padded"
+    periodic_groups = True  # G = k * W groups: weight g % W (repeated for bmm, gradients summed)
+
+    @staticmethod
+    def _layout(counts, device):
+        off = _offsets(counts)
+        width = max(int(c) for c in counts) if counts else 0
+        counts_G = torch.tensor([int(c) for c in counts], device=device)
+        group_S = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_G)
+        starts_G = torch.tensor(off[:-1], device=device)
+        rows_S = torch.arange(off[-1], device=device)
+        return width, group_S * width + (rows_S - starts_G[group_S])
+
+    def _pad(self, x_SK, counts):
+        width, slot_S = self._layout(counts, x_SK.device)
+        x_PK = x_SK.new_zeros(len(counts) * width, x_SK.shape[1])
+        x_PK.index_copy_(0, slot_S, x_SK)
+        return x_PK.view(len(counts), width, x_SK.shape[1]), slot_S
+
+    def segment_mm(self, x_SK, w_GKN, counts):
+        if x_SK.shape[0] == 0:
+            return x_SK.new_zeros(0, w_GKN.shape[-1])
+        x_GWK, slot_S = self._pad(x_SK, counts)
+        if w_GKN.shape[0] != len(counts):
+            w_GKN = w_GKN.repeat(len(counts) // w_GKN.shape[0], 1, 1)
+        y_GWN = torch.bmm(x_GWK, w_GKN)
+        return y_GWN.reshape(-1, y_GWN.shape[-1]).index_select(0, slot_S)
+
+    def segment_wgrad(self, a_SM, b_SN, counts, num_weights=None):
+        if a_SM.shape[0] == 0:
+            return a_SM.new_zeros(len(counts), a_SM.shape[1], b_SN.shape[1])
+        a_GWM, slot_S = self._pad(a_SM, counts)
+        b_GWN = b_SN.new_zeros(a_GWM.shape[0] * a_GWM.shape[1], b_SN.shape[1])
+        b_GWN.index_copy_(0, slot_S, b_SN)
+        g_GMN = torch.bmm(a_GWM.transpose(1, 2), b_GWN.view(a_GWM.shape[0], a_GWM.shape[1], -1))
+        if num_weights and num_weights != len(counts):
+            g_GMN = g_GMN.view(-1, num_weights, *g_GMN.shape[1:]).sum(0)
+        return g_GMN
+
+
+class AutoBackend:
+    """The loop for few groups or long segments; padded bmm for many short ones when the
+    padding stays small (G * max(counts) <= 2 S). Chosen per call from the host counts."""
+
+    name = "auto"
+    periodic_groups = True
+    min_groups, max_mean_rows = 16, 256
+
+    def __init__(self):
+        self.loop, self.padded = LoopBackend(), PaddedBackend()
+
+    def _pick(self, counts):
+        total = sum(int(c) for c in counts)
+        groups = len(counts)
+        if groups >= self.min_groups and total and total <= self.max_mean_rows * groups \
+                and groups * max(int(c) for c in counts) <= 2 * total:
+            return self.padded
+        return self.loop
+
+    def segment_mm(self, x_SK, w_GKN, counts):
+        return self._pick(counts).segment_mm(x_SK, w_GKN, counts)
+
+    def segment_wgrad(self, a_SM, b_SN, counts, num_weights=None):
+        return self._pick(counts).segment_wgrad(a_SM, b_SN, counts, num_weights)
+
+
 GROUPED_MM_BACKENDS: Dict[str, object] = {
     "loop": LoopBackend(),
     "torch_grouped_mm": TorchGroupedMMBackend(),
+    "padded": PaddedBackend(),
+    "auto": AutoBackend(),
 }
 
 
