@@ -192,6 +192,13 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig, options=None) -> nn.Module:
     modules = dict(model.named_modules())
     hits = {p: [] for p in cfg.targets}
     for path, mod in modules.items():
+        if type(mod).__name__.startswith("TE") and hasattr(mod, "weight") and any(
+                pattern_matches(p, gpaths[path]) for p in cfg.targets):
+            raise NotImplementedError(
+                f"{gpaths[path]} is Transformer Engine's {type(mod).__name__}: adapters on TE layer specs are "
+                f"designed but not implemented (README 'Transformer Engine layer specs': a LoRA on "
+                f"TELayerNormColumnParallelLinear must see the normalised input, return_layernorm_output); "
+                f"build the base with the local spec (load_model does)")
         if not isinstance(mod, (ColumnParallelLinear, RowParallelLinear)):
             continue
         gpath = gpaths[path]

@@ -10,6 +10,7 @@ from megatron_mole.errors import MoleError
 
 BENCHMARKS = {
     "layer": ("tools.bench_layer", "MLP fwd+bwd cost: frozen base, LoRA, MoLE, naive loop"),
+    "model": ("tools.bench_model", "whole-model step time and peak memory: base, LoRA, MoLE; local vs sdpa; recompute"),
     "dispatch": ("tools.bench_dispatch", "expert-parallel vs replicated experts: bytes and step time"),
 }
 
