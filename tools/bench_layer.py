@@ -34,7 +34,7 @@ def add_arguments(parser):
     parser.add_argument("--variants", nargs="+", default=None,
                         help="subset of: base lora mole-top1 mole-top2 mole-linear-top1 "
                              "mole-linear-top2 naive-top1 naive-top2 router-dynmole router-gw router-mor")
-    parser.add_argument("--backend", default="loop", help="grouped-matmul backend")
+    parser.add_argument("--backend", default="auto", help="grouped-matmul backend (MoLEConfig.grouped_mm_backend)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
 
