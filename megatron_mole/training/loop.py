@@ -243,7 +243,10 @@ class Trainer:
             return f"memory estimate: skipped ({hf_config}: {error})"
         stage = ps.get_pipeline_model_parallel_rank()
         name = "last stage" if stage == self.info.pp - 1 else "first stage"
-        entry = memory.estimate(shapes, self.cfg, self.info.world_size, self.dtype.itemsize)[name]
+        try:
+            entry = memory.estimate(shapes, self.cfg, self.info.world_size, self.dtype.itemsize)[name]
+        except (NotImplementedError, ValueError, KeyError) as error:  # a method/base the estimate does not model
+            return f"memory estimate: skipped ({type(error).__name__}: {error})"
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         available, source = memory.available_memory(self.device, local_ranks)
         return memory.check_fits(entry, available, source, self.rank, f"pipeline stage {stage}")
