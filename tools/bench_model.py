@@ -4,12 +4,18 @@ A Megatron GPTModel (local layer spec, RMSNorm, SwiGLU, GQA; ``--layers`` layers
 hidden ``--hidden``) trains one micro-batch of ``--seq`` tokens per step, fwd+bwd, with:
 ``base`` (frozen, no adapter: the backward still runs through the layers), ``lora`` (one
 LoRA of rank r on qkv, proj, fc1, fc2), ``mole-top1`` / ``mole-top2`` (scope "mlp", E
-experts on fc1/fc2, LoRA on attention) and ``perft-r`` when the method is registered.
+experts on fc1/fc2, LoRA on attention). The base is dense, so PERFT (MoE bases) is not measured.
 Each (variant, attention, recompute) runs in its own spawned process, so its peak memory
 is its own: the rise of the process's peak RSS (CPU) or ``max_memory_allocated`` (GPU)
 over the size resident before the first step (model and adapters built), during the steps. Printed: median step time,
 tokens/s, the ratio to ``lora`` with the same attention and recompute, and peak memory.
 Processes run one after another: on a shared machine, repeat and compare medians.
+
+``--interleave`` measures step-time *ratios* instead: one process builds every variant's model
+(same seed, same attention and recompute) and runs rounds of one step per variant, in turn; the
+ratio to ``lora`` is taken within each round and its median printed, so load that drifts over
+seconds affects all variants alike (separate processes minutes apart saw 0.2x-2.5x for the same
+pair on a shared machine). Peak memory is not reported in that mode (the models share a process).
 """
 import multiprocessing as mp
 import statistics
@@ -27,11 +33,16 @@ def add_arguments(parser):
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", default=["base", "lora", "mole-top1", "mole-top2", "perft-r"])
+    # The base is dense: a PERFT method would fall back to MoLE on its dense MLPs (PERFT's rule for
+    # the dense layers of a mixed base), so PERFT variants are not measured here.
+    parser.add_argument("--variants", nargs="+", default=["base", "lora", "mole-top1", "mole-top2"])
     parser.add_argument("--attention", nargs="+", default=["local", "sdpa"])
     parser.add_argument("--recompute", nargs="+", default=["none", "full"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--interleave", action="store_true",
+                        help="step-time ratios from interleaved steps of every variant in one process")
+    parser.add_argument("--rounds", type=int, default=7, help="--interleave: rounds of one step per variant")
 
 
 def _peak_rss_bytes() -> int:
@@ -74,39 +85,51 @@ def _mole_config(variant, args):
     return mm.MoLEConfig(method=variant, num_experts=args.experts, rank=args.rank, top_k=2)
 
 
+def _build(variant, attention, recompute, seq, args, info):
+    """The variant's model and its training step (fwd+bwd of one micro-batch, grads dropped)."""
+    import torch
+
+    import megatron_mole as mm
+    from tools.smoke import build_gpt
+
+    torch.manual_seed(0)
+    overrides = {} if recompute == "none" else dict(
+        recompute_granularity=recompute, **({} if recompute == "selective" else
+                                             dict(recompute_method="uniform", recompute_num_layers=1)))
+    model, _ = build_gpt(vocab=args.vocab, seq=seq, num_layers=args.layers, attention=attention,
+                         hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_attention_heads=args.heads,
+                         num_query_groups=args.groups, **overrides)
+    model.to(info.device)
+    if variant == "base":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.embedding.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True))
+    else:
+        mm.apply_mole(model, _mole_config(variant, args))
+    tokens = torch.randint(0, args.vocab, (1, seq + 1), device=info.device)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    position_ids = torch.arange(seq, device=info.device)[None]
+    cuda = info.device.type == "cuda"
+
+    def step():
+        model(inputs, position_ids, None, labels=labels).float().mean().backward()
+        model.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+
+    return model, step
+
+
 def _child(variant, attention, recompute, seq, args, queue):
     import torch
 
     try:
         torch.set_num_threads(args.threads)
         import megatron_mole as mm
-        from tools.smoke import build_gpt
 
         info = mm.init_distributed(device=args.device)
-        overrides = {} if recompute == "none" else dict(
-            recompute_granularity=recompute, **({} if recompute == "selective" else
-                                                 dict(recompute_method="uniform", recompute_num_layers=1)))
-        model, _ = build_gpt(vocab=args.vocab, seq=seq, num_layers=args.layers, attention=attention,
-                             hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_attention_heads=args.heads,
-                             num_query_groups=args.groups, **overrides)
-        model.to(info.device)
-        if variant == "base":
-            for p in model.parameters():
-                p.requires_grad_(False)
-            model.embedding.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True))
-        else:
-            mm.apply_mole(model, _mole_config(variant, args))
-        tokens = torch.randint(0, args.vocab, (1, seq + 1), device=info.device)
-        inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        position_ids = torch.arange(seq, device=info.device)[None]
+        _, step = _build(variant, attention, recompute, seq, args, info)
         cuda = info.device.type == "cuda"
-
-        def step():
-            model(inputs, position_ids, None, labels=labels).float().mean().backward()
-            model.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()
-
         resident = torch.cuda.memory_allocated() if cuda else _rss_bytes()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -132,7 +155,67 @@ def _measure(variant, attention, recompute, seq, args):
     return result
 
 
+def _child_interleaved(variants, attention, recompute, seq, args, queue):
+    import torch
+
+    try:
+        torch.set_num_threads(args.threads)
+        import megatron_mole as mm
+
+        info = mm.init_distributed(device=args.device)
+        steps, skipped = {}, {}
+        for variant in variants:
+            try:
+                steps[variant] = _build(variant, attention, recompute, seq, args, info)[1]
+                steps[variant]()  # warm-up
+            except Exception as error:  # e.g. a method that is not registered
+                skipped[variant] = f"{type(error).__name__}: {error}"
+        rounds = []
+        for _ in range(args.rounds):
+            times = {}
+            for variant, step in steps.items():
+                start = time.perf_counter()
+                step()
+                times[variant] = time.perf_counter() - start
+            rounds.append(times)
+        queue.put((rounds, skipped, None))
+    except Exception as error:
+        queue.put((None, None, f"{type(error).__name__}: {error}"))
+
+
+def _run_interleaved(args):
+    for seq in args.seq:
+        for attention in args.attention:
+            for recompute in args.recompute:
+                ctx = mp.get_context("spawn")
+                queue = ctx.Queue()
+                proc = ctx.Process(target=_child_interleaved,
+                                   args=(args.variants, attention, recompute, seq, args, queue))
+                proc.start()
+                rounds, skipped, error = queue.get()
+                proc.join()
+                print(f"\nseq {seq}, attention {attention}, recompute {recompute} "
+                      f"({args.rounds} interleaved rounds):")
+                if error:
+                    print(f"  failed: {error}")
+                    continue
+                for variant in rounds[0]:
+                    seconds = statistics.median(r[variant] for r in rounds)
+                    ratio = (f"{statistics.median(r[variant] / r['lora'] for r in rounds):5.2f}x"
+                             if "lora" in rounds[0] else "  -  ")
+                    print(f"  {variant:10s} {seconds * 1e3:8.0f} ms  {seq / seconds:8.0f} tok/s  {ratio} lora "
+                          f"(median of per-round ratios)")
+                for variant, why in skipped.items():
+                    print(f"  {variant:10s} skipped ({why[:90]})")
+    return 0
+
+
 def run(args):
+    if args.interleave:
+        print(f"GPT {args.layers} layers H={args.hidden} F={args.ffn} heads={args.heads}/{args.groups} "
+              f"vocab={args.vocab}, E={args.experts} r={args.rank}, one micro-batch fwd+bwd, "
+              f"{args.threads} threads; step-time ratios from interleaved steps in one process")
+        return _run_interleaved(args)
     print(f"GPT {args.layers} layers H={args.hidden} F={args.ffn} heads={args.heads}/{args.groups} "
           f"vocab={args.vocab}, E={args.experts} r={args.rank}, one micro-batch fwd+bwd, median of "
           f"{args.steps} steps, {args.threads} threads; peak = rise over the model's resident memory")
