@@ -378,15 +378,20 @@ def _gather_over_pp(obj):
     return out
 
 
+def _merge_over_pp(local: Dict) -> Dict:
+    """One dict of every pipeline stage's ``local`` entries, on every rank."""
+    merged = {}
+    for part in _gather_over_pp(local):
+        merged.update(part)
+    return merged
+
+
 def adapter_state_dict(model) -> Dict[str, torch.Tensor]:
     """Full adapter tensors (CPU) of every pipeline stage, on every rank."""
     local = {}
     for w in adapter_wrappers(model):
         local.update({k: v.cpu() for k, v in w.full_adapter_tensors().items()})
-    merged = {}
-    for part in _gather_over_pp(local):
-        merged.update(part)
-    return dict(sorted(merged.items()))
+    return dict(sorted(_merge_over_pp(local).items()))
 
 
 def load_adapter_state_dict(model, sd: Dict[str, torch.Tensor], strict: bool = True) -> None:
@@ -497,10 +502,7 @@ def projector_state_dict(model) -> Dict[str, torch.Tensor]:
             if name.startswith("moe."):
                 continue
             local["vision_projection." + name.removeprefix("base.")] = value.cpu()
-    merged = {}
-    for part in _gather_over_pp(local):
-        merged.update(part)
-    return merged
+    return _merge_over_pp(local)
 
 
 def parrot_state_dict(model) -> Dict[str, torch.Tensor]:
@@ -512,10 +514,7 @@ def parrot_state_dict(model) -> Dict[str, torch.Tensor]:
         wrapper = parrot_module(chunk)
         if wrapper is not None:
             local.update({f"parrot.{k}": v.detach().cpu() for k, v in wrapper.moe.state_dict().items()})
-    merged = {}
-    for part in _gather_over_pp(local):
-        merged.update(part)
-    return merged
+    return _merge_over_pp(local)
 
 
 # ---------------------------------------------------------------- base MoE routers (router tuning)
@@ -547,10 +546,7 @@ def base_router_state_dict(model) -> Dict[str, torch.Tensor]:
     """``{global name}.weight`` of every MoE router of every pipeline stage (CPU), on every rank
     (the weights are replicated over TP, EP and DP)."""
     local = {f"{name}.weight": module.weight.detach().cpu().clone() for name, module in base_routers(model).items()}
-    merged = {}
-    for part in _gather_over_pp(local):
-        merged.update(part)
-    return dict(sorted(merged.items()))
+    return dict(sorted(_merge_over_pp(local).items()))
 
 
 @torch.no_grad()
