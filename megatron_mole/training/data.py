@@ -118,6 +118,12 @@ class DataReport:
     def num_bad_lines(self) -> int:
         return len(self.bad_lines) + self.more_bad_lines
 
+    def add_bad_line(self, bad: "BadLine", strict: bool) -> None:
+        """Record a line that cannot be used; with ``strict`` refuse the data instead."""
+        if strict:
+            raise DataError(f"bad data line {bad} (strict=True)") from None
+        self.bad_lines.append(bad)
+
     def summary(self) -> str:
         kept = sum(self.domain_counts.values())
         domains = ", ".join(f"{d}={n}" for d, n in sorted(self.domain_counts.items()))
@@ -213,10 +219,7 @@ def read_jsonl(paths, strict: bool = False, report: DataReport | None = None, pa
                     else:
                         example = parse(raw, Path(path), number)
                 except _BadRecord as error:
-                    bad = BadLine(str(path), number, str(error))
-                    if strict:
-                        raise DataError(f"bad data line {bad} (strict=True)") from None
-                    report.bad_lines.append(bad)
+                    report.add_bad_line(BadLine(str(path), number, str(error)), strict)
                     continue
                 examples.append(example)
     return examples, report
@@ -309,10 +312,7 @@ class InstructionDataset:
             try:
                 ids_L, supervised_L = tokenize_messages(tokenizer, example.messages, chat_template)
             except TemplateError as error:
-                bad = BadLine(example.path, example.line, template_refusal(error))
-                if strict:
-                    raise DataError(f"bad data line {bad} (strict=True)") from None
-                self.report.bad_lines.append(bad)
+                self.report.add_bad_line(BadLine(example.path, example.line, template_refusal(error)), strict)
                 continue
             if len(ids_L) > seq_length + 1:  # a row of S positions holds S+1 tokens
                 self.report.num_truncated += 1

@@ -123,10 +123,7 @@ class MultimodalDataset:
                 pixels = image_processor(images=_open_image(Path(example.image)), return_tensors="pt")
                 pixel_values = pixels["pixel_values"][0].float()
             except _BadRecord as error:
-                bad = BadLine(example.path, example.line, str(error))
-                if strict:
-                    raise DataError(f"bad data line {bad} (strict=True)") from None
-                self.report.bad_lines.append(bad)
+                self.report.add_bad_line(BadLine(example.path, example.line, str(error)), strict)
                 continue
             if len(ids_L) > seq_length + 1:
                 self.report.num_truncated += 1
