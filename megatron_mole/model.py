@@ -188,6 +188,11 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig, options=None) -> nn.Module:
         return method.apply_model(model, cfg, options)
     check_model(model)  # a HybridModel needs a pattern with a GPT equivalent
     method.check(cfg)
+    if method.moe_kind is not None and not getattr(getattr(model, "config", None), "num_moe_experts", None):
+        # the config is global, so every pipeline stage refuses alike (a stage of dense layers of
+        # a mixed base such as Qwen2-MoE has num_moe_experts set and gets MoLE there, as PERFT says)
+        raise ConfigError(f"MoLEConfig.method={cfg.method!r} adapts the MoE blocks of an MoE base; this base "
+                          f"has no MoE layers (num_moe_experts is unset): use method 'mole'")
     gpaths = _global_paths(model)
     modules = dict(model.named_modules())
     hits = {p: [] for p in cfg.targets}

@@ -79,6 +79,7 @@ def _body():
     res["no_match"] = _error(lambda: mm.apply_mole(build(), cfg(targets=["linear_qkv", "linear_fc9"])))
     res["no_match_layers"] = _error(lambda: mm.apply_mole(build(), cfg(targets=ALL, layers=[7])))
     res["whole_mlp"] = _error(lambda: mm.apply_mole(build(), cfg(targets=["decoder.layers.0.mlp"])))
+    res["perft_dense"] = _error(lambda: mm.apply_mole(build(), cfg(targets=ALL, method="perft-r")))
 
     # MoE base: attention adapters work; routed-expert linears are out of scope
     moe = mm.apply_mole(build(moe=True), cfg(targets=["linear_qkv", "linear_proj"]))
@@ -169,6 +170,7 @@ def test_errors_name_the_problem(results):
     assert "['linear_fc9']" in results["no_match"] and "MoLEConfig.targets" in results["no_match"]
     assert "layers [7]" in results["no_match_layers"]
     assert "name its linears" in results["whole_mlp"]
+    assert "MoLEConfig.method='perft-r'" in results["perft_dense"] and "no MoE layers" in results["perft_dense"]
     err = results["load_errors"]
     assert "missing tensor 'decoder.layers.0.mlp.mole.router.weight'" in err
     assert "unexpected tensor 'decoder.layers.9.mlp.mole.router.weight'" in err
