@@ -1,4 +1,4 @@
-"""FactorLLM: factorisation, the Prior-Approximate loss, training at EP1/EP2/PP2.
+"""FactorLLM: factorisation, the Prior-Approximate loss, training at EP1/EP2/PP2/TP2(+SP).
 
 References are independent of the code under test: the dense model's own logits
 (Megatron's dense GPTModel), a per-token hand computation of KL(p || q) in plain Python
@@ -142,14 +142,19 @@ def _job(work):
     out["logit_diff"] = {n: float((logits[n] - logits["mcore"]).abs().max()) / scale for n in logits}
     lap("logits")
 
-    losses = {}
-    for name, layout in {"EP1": {}, "EP2": {"parallel__ep": 2}, "PP2": {"parallel__pp": 2}}.items():
+    losses, aux = {}, {}
+    # TP2 runs the MoE layers under sequence parallelism (Megatron's rule; load_model sets it), the
+    # experts' neurons split over expert tensor parallelism: each rank sees half of every sequence
+    for name, layout in {"EP1": {}, "EP2": {"parallel__ep": 2}, "PP2": {"parallel__pp": 2},
+                         "TP2": {"parallel__tp": 2},
+                         "TP2SP": {"parallel__tp": 2, "parallel__sequence_parallel": True}}.items():
         trainer = Trainer(_train_cfg(work, **layout))
         result = trainer.run()
         losses[name] = [r["loss"] for r in result.records]
-        if name == "EP1":
-            out["aux"] = result.records[-1]["aux"]
-    out["losses"] = losses
+        aux[name] = result.records[-1]["aux"]
+        if name == "TP2":
+            out["tp2_sequence_parallel"] = trainer.sequence_parallel
+    out["losses"], out["aux"] = losses, aux
     lap("train_layouts")
     # routers only, PA loss alone (no balance loss): the routers move; with no PA loss they do not
     moved, trained = {}, {}
@@ -208,14 +213,19 @@ def test_factorize_refuses_bad_input(launched):
     assert not launched["bad_written"]
 
 
-def test_training_losses_equal_at_ep1_ep2_pp2(launched):
-    losses = launched["losses"]
-    assert len(losses["EP1"]) == 3
-    for name in ("EP2", "PP2"):
+def test_training_losses_equal_at_ep1_ep2_pp2_tp2(launched):
+    losses, aux = launched["losses"], launched["aux"]
+    assert len(losses["EP1"]) == 3 and launched["tp2_sequence_parallel"]
+    for name in ("EP2", "PP2", "TP2", "TP2SP"):
         for a, b in zip(losses["EP1"], losses[name]):
             assert abs(a - b) <= 1e-5 * abs(a), (name, losses)
-    stats = next(iter(launched["aux"].values()))
-    assert stats["pa_loss"] > 0 and "prior_agreement" in stats
+        # the PA and balance losses of step 3 (after two router updates), over all non-padding tokens
+        assert aux[name].keys() == aux["EP1"].keys(), name
+        for layer, stats in aux["EP1"].items():
+            for key in ("pa_loss", "balance_loss", "prior_agreement"):
+                assert abs(stats[key] - aux[name][layer][key]) <= 1e-5 * abs(stats[key]), (name, layer, key, aux)
+    stats = next(iter(aux["EP1"].values()))
+    assert stats["pa_loss"] > 0 and 0 < stats["prior_agreement"] < 1
 
 
 def test_router_learns_from_the_pa_loss_alone(launched):

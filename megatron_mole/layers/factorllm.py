@@ -11,14 +11,23 @@ Training (``method: factorllm``, :func:`apply_factorllm`): a forward hook on eve
 MoELayer adds ``pa_loss_coeff * L_PA + balance_loss_coeff * L_balance`` to the training
 loss through ``AuxLossScaler`` (the router's only gradient: the output weights are
 constant). The PA loss needs every expert's output on every token: the hook all-gathers
-the layer's own MLP input over the expert-parallel group (no gradient), runs this rank's
-experts on all of it, compares with the frozen dense FFN (the teacher, rebuilt once from
-the untrained experts, whose concatenation *is* the dense FFN) and all-gathers the
-per-expert errors back. The teacher lives in the hook object, not in the module tree:
-it is never trained, never in a state dict, and gone when the hooks are removed.
+the layer's own MLP input over the expert tensor-and-model-parallel group (no gradient), runs
+this rank's experts on all of it, sums their partial outputs over expert tensor parallelism
+(Megatron's expert fc2 is row-parallel with the reduction left to the dispatcher), compares
+with the frozen dense FFN (the teacher, rebuilt once from the untrained experts, whose
+concatenation *is* the dense FFN: every neuron shard of every expert, gathered) and
+all-gathers the per-expert errors back over EP. The teacher lives in the hook object, not
+in the module tree: it is never trained, never in a state dict, and gone when the hooks
+are removed.
 
-Training needs tensor parallelism 1 (the errors are computed from full expert outputs);
-any PP, EP and DP.
+Tensor parallelism: Megatron trains MoE layers at TP > 1 with sequence parallelism only
+(``load_model`` turns it on), so each TP rank sees a sequence slice of the MLP input. Each
+rank's losses are its tokens' sums over the valid tokens of the *whole* micro-batch (counts
+and the balance loss's expert fractions summed over TP, no gradient), the router's weight
+and bias carry Megatron's ``sequence_parallel`` flag, and ``finalize_model_grads`` sums
+their gradients over TP: every TP rank gets the TP1 gradient. The padding mask (the
+training loop puts the micro-batch's on the model under SP, which Megatron cannot take as
+``padding_mask`` there) is sliced to the rank's sequence shard. Any TP (with SP), PP, EP, DP.
 
 Legend: T tokens, D hidden, N experts, n local experts, m neurons per expert.
 """
@@ -32,7 +41,7 @@ from megatron_mole.layers.context import install_context_hooks, routing_context
 from megatron_mole.layers.specs import Method, register_method
 from megatron_mole.routing import AUX_LOSS_TRACKER
 from megatron_mole.routing import factorllm as F
-from megatron_mole.routing.losses import attach_aux_loss, load_balancing_loss
+from megatron_mole.routing.losses import _valid, assignment_counts, attach_aux_loss, load_balancing_loss
 
 TRAINABLE = ("experts+routers", "routers")
 
@@ -108,10 +117,20 @@ class FactorLLMOptions:
             raise ConfigError(f"factorllm.trainable={self.trainable!r}: must be one of {TRAINABLE}")
 
 
-def _ep_group():
+def _groups():
+    """{name: (group, size, rank)} of the groups the hook talks over: ``ep`` (experts), ``etp``
+    (the neuron shards of one expert), ``tp_ep`` (both: the ranks whose tokens the experts see)
+    and ``tp`` (the sequence slices of one micro-batch under SP)."""
     from megatron.core import parallel_state as ps
 
-    return ps.get_expert_model_parallel_group(), ps.get_expert_model_parallel_world_size()
+    out = {}
+    for name, get in (("ep", ps.get_expert_model_parallel_group), ("etp", ps.get_expert_tensor_parallel_group),
+                      ("tp_ep", ps.get_expert_tensor_and_model_parallel_group),
+                      ("tp", ps.get_tensor_model_parallel_group)):
+        group = get()
+        size = torch.distributed.get_world_size(group) if group is not None else 1
+        out[name] = (group, size, torch.distributed.get_rank(group) if size > 1 else 0)
+    return out
 
 
 def _all_gather(x: torch.Tensor, group, size: int, dim: int = 0) -> torch.Tensor:
@@ -122,14 +141,29 @@ def _all_gather(x: torch.Tensor, group, size: int, dim: int = 0) -> torch.Tensor
     return torch.cat(parts, dim=dim)
 
 
-class _Teacher:
-    """The frozen dense SwiGLU FFN: every expert's rows, gathered over EP, concatenated."""
+def _all_reduce(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """Sum over ``group`` (no gradient: counts, statistics, partial expert outputs)."""
+    if size > 1:
+        x = x.detach().clone()
+        torch.distributed.all_reduce(x, group=group)
+    return x
 
-    def __init__(self, moe):
-        group, size = _ep_group()
+
+def expert_linears(expert):
+    """(fc1, fc2) base linears of a Megatron expert MLP, under a LoRA wrapper or not."""
+    return tuple(getattr(lin, "base", lin) for lin in (expert.linear_fc1, expert.linear_fc2))
+
+
+class _Teacher:
+    """The frozen dense SwiGLU FFN: every neuron shard of every expert, gathered over expert
+    tensor and expert parallelism, concatenated (the order of neurons does not matter)."""
+
+    def __init__(self, moe, groups):
+        group, size, _ = groups["tp_ep"]
         experts = moe.experts.local_experts
-        fc1_nFD = torch.stack([e.linear_fc1.weight.detach() for e in experts])  # [n, 2m, D]: [gate; up]
-        fc2_nDm = torch.stack([e.linear_fc2.weight.detach() for e in experts])  # [n, D, m]
+        # [n, 2m', D]: [gate; up] of this rank's m' = m/etp neurons (Megatron's SwiGLU shard); [n, D, m']
+        fc1_nFD = torch.stack([expert_linears(e)[0].weight.detach() for e in experts])
+        fc2_nDm = torch.stack([expert_linears(e)[1].weight.detach() for e in experts])
         fc1_NFD = _all_gather(fc1_nFD, group, size)
         fc2_NDm = _all_gather(fc2_nDm, group, size)
         gate, up = fc1_NFD.chunk(2, dim=1)
@@ -149,20 +183,31 @@ class _PAHook:
     def __init__(self, moe, options: FactorLLMOptions, layer: int):
         self.moe, self.options, self.layer = moe, options, layer
         self.name = f"decoder.layers.{layer}.mlp"
-        self.teacher = _Teacher(moe)
+        self.groups = _groups()
+        self.sequence_parallel = bool(moe.config.sequence_parallel) and self.groups["tp"][1] > 1
+        self.teacher = _Teacher(moe, self.groups)
 
     def errors(self, x_TD):
         """Per-expert errors [T, N] of this rank's tokens (all experts, no gradient)."""
-        group, size = _ep_group()
+        group, size, rank = self.groups["tp_ep"]
         with torch.no_grad():
             x_all = _all_gather(x_TD, group, size)
             teacher_all = _all_gather(self.teacher(x_TD), group, size)
             scale = self.moe.router.scale
             outs = torch.stack([expert(x_all)[0] for expert in self.moe.experts.local_experts], dim=1)
-            err_all = F.expert_errors(outs, teacher_all, scale)  # [ep*T, n]
-            err_all = _all_gather(err_all, group, size, dim=1)  # [ep*T, N], global expert order
-            rank = torch.distributed.get_rank(group) if size > 1 else 0
+            outs = _all_reduce(outs, *self.groups["etp"][:2])  # partial sums over the neuron shards
+            err_all = F.expert_errors(outs, teacher_all, scale)  # [tp*ep*T, n]
+            err_all = _all_gather(err_all, *self.groups["ep"][:2], dim=1)  # [tp*ep*T, N], global expert order
             return err_all[rank * x_TD.shape[0]:(rank + 1) * x_TD.shape[0]]
+
+    def mask(self, hidden):
+        """Valid-token mask [T] of this rank's rows (None: all valid)."""
+        if not self.sequence_parallel:
+            return routing_context(hidden.shape, self.layer, True).mask_T
+        _, tp, rank = self.groups["tp"]
+        full = routing_context((hidden.shape[0] * tp, *hidden.shape[1:]), self.layer, True).mask_T
+        rows = hidden.shape[0] * hidden.shape[1]  # s-major: this rank's sequence slice is contiguous
+        return None if full is None else full[rank * rows:(rank + 1) * rows]
 
     def __call__(self, module, args, kwargs, output):
         if not (module.training and torch.is_grad_enabled()):
@@ -170,19 +215,26 @@ class _PAHook:
         hidden = args[0] if args else kwargs["hidden_states"]
         x_TD = hidden.reshape(-1, hidden.shape[-1])
         # padding from the model's forward (install_context_hooks), as for the MoLE routers
-        ctx = routing_context(hidden.shape, self.layer, True)
-        router = module.router
+        mask_T = self.mask(hidden)
+        router, tp = module.router, self.groups["tp"][:2]
         logits_TN = F.router_logits(x_TD, router.weight, router.bias)
         errors_TN = self.errors(x_TD)
-        pa = F.pa_loss(logits_TN, errors_TN, router.topk, ctx.mask_T)
         chosen_TK = F.select(logits_TN, router.topk)
-        balance = load_balancing_loss(torch.softmax(logits_TN, -1), chosen_TK, ctx.mask_T)
+        # over the whole micro-batch (all TP ranks' sequence slices): this rank's share of the mean
+        valid_T = _valid(mask_T, x_TD.shape[0], x_TD.device).float()
+        count = _all_reduce(valid_T.sum(), *tp)
+        share = valid_T.sum() / count.clamp(min=1.0)
+        counts_N, used = assignment_counts(chosen_TK, logits_TN.shape[-1], mask_T)
+        f_N = _all_reduce(counts_N, *tp) / _all_reduce(used, *tp).clamp(min=1.0)
+        pa = F.pa_loss(logits_TN, errors_TN, router.topk, mask_T) * share
+        balance = load_balancing_loss(torch.softmax(logits_TN, -1), chosen_TK, mask_T, f_E=f_N) * share
         total = self.options.pa_loss_coeff * pa + self.options.balance_loss_coeff * balance
         with torch.no_grad():
             best = torch.topk(-errors_TN, router.topk, -1).indices.sort(-1).values
-            agree = (best == chosen_TK.sort(-1).values).all(-1).float().mean()
-        AUX_LOSS_TRACKER.record(self.name, {"pa_loss": pa.detach(), "balance_loss": balance.detach(),
-                                            "aux_loss": total.detach(), "prior_agreement": agree})
+            agree = ((best == chosen_TK.sort(-1).values).all(-1).float() * valid_T).sum()
+            stats = _all_reduce(torch.stack([pa, balance, total, agree / count.clamp(min=1.0)]), *tp)
+        AUX_LOSS_TRACKER.record(self.name, dict(zip(("pa_loss", "balance_loss", "aux_loss", "prior_agreement"),
+                                                    stats.unbind())))
         y, bias = output
         return attach_aux_loss(y, total), bias
 
@@ -190,16 +242,11 @@ class _PAHook:
 def apply_factorllm(model, options: Optional[FactorLLMOptions] = None):
     """Prepare a factorised model for FactorLLM training: freeze all but the experts and
     routers (or the routers only), hook the PA and balance losses. Returns the hook handles."""
-    from megatron.core import parallel_state as ps
-
     options = options or FactorLLMOptions()
     layers = moe_layers(model)
     if not layers:
         raise ConfigError("method 'factorllm' needs a factorised base (megatron-mole factorize): this model has "
                           "no FactorLLM MoE layer")
-    if ps.get_tensor_model_parallel_world_size() != 1:
-        raise ConfigError(f"method 'factorllm' trains at tp=1 (got tp={ps.get_tensor_model_parallel_world_size()}); "
-                          f"use pp, ep and data parallelism")
     for p in model.parameters():
         p.requires_grad_(False)
     install_context_hooks(model)

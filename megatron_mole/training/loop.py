@@ -27,7 +27,8 @@ Notable:
   (``allreduce=False``) get their own chained optimizer over the expert-data-parallel group.
 - **Padding** is passed to the model as ``padding_mask`` so routers leave it out of
   their aux losses, except under sequence parallelism (Megatron scatters the mask on
-  the first pipeline stage only, while MoLE layers see the gathered sequence).
+  the first pipeline stage only, while MoLE layers see the gathered sequence); there
+  FactorLLM's loss hook gets it as the model's ``mole_padding_mask`` and slices it itself.
 - **Precision**: ``auto`` is fp32 on CPU and bf16 on GPUs: the base is loaded in
   bf16, adapters are created in the base's dtype (routers stay fp32), and
   Megatron's mixed-precision optimizer keeps fp32 main parameters (saved in
@@ -341,6 +342,8 @@ class Trainer:
         kwargs = {}
         if not self.sequence_parallel:
             kwargs["padding_mask"] = micro["segment_ids"] == 0
+        elif self.factorllm:  # its loss hook slices the mask to its sequence shard (layers/factorllm.py)
+            getattr(model_chunk, "module", model_chunk).mole_padding_mask = micro["segment_ids"] == 0
         output_BS = model_chunk(micro["tokens"], micro["position_ids"], attention_mask,
                                 labels=micro["labels"].clamp(min=0), **kwargs)
         return output_BS, partial(self._loss, micro, scale)
