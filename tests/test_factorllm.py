@@ -156,6 +156,8 @@ def _job(work):
             out["tp2_sequence_parallel"] = trainer.sequence_parallel
     out["losses"], out["aux"] = losses, aux
     lap("train_layouts")
+    out["adapters"] = _adapter_runs(work, tokens, pos)
+    lap("train_adapters")
     # routers only, PA loss alone (no balance loss): the routers move; with no PA loss they do not
     moved, trained = {}, {}
     for name, coeff in {"pa": 0.05, "none": 0.0}.items():
@@ -187,7 +189,64 @@ def _job(work):
     out["saved_names"] = sorted(saved.state_dict())
     lap("export_verify")
     runtime.shutdown()
+    out["work"] = str(work)
     return out
+
+
+def _adapter_runs(work, tokens, pos):
+    """LoRA on the frozen experts (trainable: adapters+routers) at EP1 and EP2; the EP1 model saved
+    (adapters merged), exported to Hugging Face and run there beside the live Megatron model."""
+    from megatron_mole.checkpoint.convert import mcore_to_hf
+    from megatron_mole.hf import load_factorllm
+    from megatron_mole.training.loop import Trainer
+
+    out = {}
+    for name, layout in {"EP1": {"checkpoint__save_dir": str(work / "save_adapters")},
+                         "EP2": {"parallel__ep": 2}}.items():
+        trainer = Trainer(_train_cfg(work, factorllm__trainable="adapters+routers", mole__rank=4, mole__alpha=8.0,
+                                     **layout))
+
+        def params():
+            return {n: p.detach().clone() for ddp in trainer.model for n, p in ddp.module.named_parameters()}
+
+        before = params()
+        out[name] = [r["loss"] for r in trainer.run().records]
+        if name != "EP1":
+            continue
+        after = params()  # after the save, which merges the adapters for a while
+        groups = {"lora": lambda n: ".lora." in n, "router": lambda n: ".router." in n,
+                  "expert_base": lambda n: ".experts." in n and ".lora." not in n}
+        named = list(groups.values())
+        groups["rest"] = lambda n: not any(g(n) for g in named)
+        out["counts"] = {g: sum(map(test, before)) for g, test in groups.items()}
+        out["changed"] = {g: [n for n in before if test(n) and not torch.equal(before[n], after[n])]
+                          for g, test in groups.items()}
+        out["trainable"] = sorted({n.split(".")[-1] for ddp in trainer.model
+                                   for n, p in ddp.module.named_parameters() if p.requires_grad})
+        model = trainer.model[0].module
+        # the PA loss's per-expert errors of layer 0 on some inputs: the experts run with their adapters
+        moe = model.decoder.layers[0].mlp
+        hook = next(h for h in moe._forward_hooks.values() if hasattr(h, "errors"))
+        x = torch.randn(6, 64, generator=torch.Generator().manual_seed(5))
+        out["x"], out["errors"] = x.tolist(), hook.errors(x).tolist()  # lists: the child process exits
+        model.eval()
+        with torch.no_grad():
+            megatron = model(tokens, pos, None)
+        mcore_to_hf(str(work / "save_adapters" / "model_step_3"), str(work / "adapters_hf"))
+        with torch.no_grad():
+            hf = load_factorllm(str(work / "adapters_hf")).eval()(tokens).logits
+        megatron_V = megatron[..., :hf.shape[-1]]  # Megatron pads the vocabulary
+        out["hf_vs_megatron"] = float((hf - megatron_V).abs().max()) / float(megatron_V.abs().max())
+        out["adapter_effect"] = float((megatron - model_without_adapters(work, tokens, pos)).abs().max())
+    return out
+
+
+def model_without_adapters(work, tokens, pos):
+    """The factorised base's logits: what the EP1 run started from."""
+    from megatron_mole.checkpoint.mcore import load_model
+
+    with torch.no_grad():
+        return load_model(str(work / "fac")).eval()(tokens, pos, None)
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +297,32 @@ def test_router_learns_from_the_pa_loss_alone(launched):
 
 def test_export_runs_in_transformers_and_verifies(launched):
     assert launched["verify"] < 1e-10  # float64 on both sides
+
+
+def test_adapters_on_frozen_experts(launched):
+    ad = launched["adapters"]
+    counts, changed = ad["counts"], ad["changed"]
+    assert counts["lora"] == 2 * 2 * 4 * 2  # A and B, fc1 and fc2, 4 experts, 2 layers
+    assert len(changed["lora"]) == counts["lora"] and len(changed["router"]) == counts["router"] == 4
+    assert counts["expert_base"] == 16 and changed["expert_base"] == [] and changed["rest"] == []
+    assert ad["trainable"] == ["bias", "lora_a", "lora_b", "weight"]  # router weight and bias, the LoRA
+    for a, b in zip(ad["EP1"], ad["EP2"]):
+        assert abs(a - b) <= 1e-5 * abs(a), ad
+    # the export (adapters merged into the expert weights) runs in transformers as the live model does
+    assert ad["adapter_effect"] > 1e-3
+    print("adapters: logits rel diff HF vs Megatron", ad["hf_vs_megatron"], "losses", ad["EP1"], ad["EP2"])
+    assert ad["hf_vs_megatron"] < 1e-5
+    # the errors the routers learn from: E_i with its adapter (the exported, merged expert) against the
+    # dense FFN (the sum of the untrained experts: trained_hf trained the routers only), by hand
+    from megatron_mole.hf import load_factorllm
+
+    work = Path(launched["work"])
+    with torch.no_grad():
+        adapted = load_factorllm(str(work / "adapters_hf")).model.layers[0].mlp
+        base = load_factorllm(str(work / "trained_hf")).model.layers[0].mlp
+        x, errors = torch.tensor(ad["x"]), torch.tensor(ad["errors"])
+        teacher = sum(expert(x) for expert in base.experts)
+        want = torch.stack([((expert(x) - teacher / 2.0) ** 2).mean(-1) for expert in adapted.experts], dim=1)
+        unadapted = torch.stack([((expert(x) - teacher / 2.0) ** 2).mean(-1) for expert in base.experts], dim=1)
+    assert torch.allclose(errors, want, rtol=1e-4, atol=1e-9), (errors, want)
+    assert not torch.allclose(unadapted, want, rtol=1e-3, atol=1e-9)

@@ -31,6 +31,7 @@ training loop puts the micro-batch's on the model under SP, which Megatron canno
 
 Legend: T tokens, D hidden, N experts, n local experts, m neurons per expert.
 """
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -43,7 +44,8 @@ from megatron_mole.routing import AUX_LOSS_TRACKER
 from megatron_mole.routing import factorllm as F
 from megatron_mole.routing.losses import _valid, assignment_counts, attach_aux_loss, load_balancing_loss
 
-TRAINABLE = ("experts+routers", "routers")
+TRAINABLE = ("experts+routers", "routers", "adapters+routers")
+EXPERT_LINEARS = ("linear_fc1", "linear_fc2")
 
 
 _ROUTER_CLASS = []
@@ -239,14 +241,88 @@ class _PAHook:
         return attach_aux_loss(y, total), bias
 
 
-def apply_factorllm(model, options: Optional[FactorLLMOptions] = None):
+def _expert_adapters(moe, layer: int, cfg) -> None:
+    """A LoRA (kind ``lora``, layers/linear.py: ``W x + (alpha/r) B A x``) on fc1 and/or fc2 (those
+    in ``cfg.targets``) of this rank's experts, named and seeded by the global expert id (so
+    every EP layout starts alike), reduced like the expert weights they adapt (``allreduce``)."""
+    from megatron_mole.layers.parallel import NoParallel
+    from megatron_mole.layers.specs import kind_of
+
+    etp = moe.experts.tp_group.size() if getattr(moe.experts, "tp_group", None) is not None else 1
+    if etp > 1:
+        raise ConfigError(f"factorllm.trainable='adapters+routers' needs expert tensor parallel size 1 (parallel.tp "
+                          f"= 1; got {etp}): adapters on experts split over expert TP are not implemented")
+    if cfg.dropout:
+        raise ConfigError(f"mole.dropout={cfg.dropout}: FactorLLM's expert adapters take no dropout (the PA "
+                          f"loss's per-expert errors run the adapted experts and must not be random)")
+    names = [n for n in EXPERT_LINEARS if n in cfg.targets]
+    if not names or set(cfg.targets) - set(EXPERT_LINEARS):
+        raise ConfigError(f"mole.targets={cfg.targets!r}: FactorLLM's expert adapters adapt {list(EXPERT_LINEARS)} "
+                          f"of every expert; name one or both")
+    for local, expert in enumerate(moe.experts.local_experts):
+        for name in names:
+            base = getattr(expert, name)
+            # etp = 1: the expert's linear is whole on this rank (its "explicit expert comm" is the dispatcher's)
+            wrapper = kind_of("lora").wrapper(base, cfg, NoParallel())
+            wrapper.adapter_prefix = (f"decoder.layers.{layer}.mlp.experts.local_experts."
+                                      f"{moe.local_expert_indices[local]}.{name}")
+            wrapper.layer_number = layer
+            wrapper.init_adapters(cfg.seed)
+            for param in wrapper.lora.parameters():
+                param.allreduce = getattr(base.weight, "allreduce", True)
+            setattr(expert, name, wrapper)
+
+
+def expert_adapter_wrappers(chunks) -> List[Tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """(expert MLP, linear name, LoRA wrapper) of every expert adapter of the model chunks."""
+    out = []
+    for chunk in chunks:
+        for _, moe in moe_layers(chunk):
+            for expert in moe.experts.local_experts:
+                out += [(expert, name, getattr(expert, name)) for name in EXPERT_LINEARS
+                        if hasattr(getattr(expert, name), "lora")]
+    return out
+
+
+@contextmanager
+def merged_expert_adapters(chunks):
+    """Inside: every expert LoRA folded into its linear, ``W + (alpha/r) B A`` (computed in
+    float64, rounded once to W's dtype), the wrapper swapped for the plain linear, so the model
+    is a plain factorised model (``save_model``, then ``convert mcore-to-hf`` and
+    ``load_factorllm`` as for any factorised checkpoint). The wrappers and the base weights
+    (the very tensors, untouched) are put back on exit."""
+    swaps = []
+    try:
+        with torch.no_grad():
+            for expert, name, wrapper in expert_adapter_wrappers(chunks):
+                base, lora = wrapper.base, wrapper.lora
+                delta = wrapper.cfg.scaling * (lora.lora_b.double() @ lora.lora_a.double())
+                original = base.weight
+                merged = torch.nn.Parameter((original.double() + delta).to(original.dtype), requires_grad=False)
+                for attr, value in vars(original).items():  # Megatron's allreduce / tensor_model_parallel
+                    setattr(merged, attr, value)
+                swaps.append((expert, name, wrapper, original))
+                base.weight = merged
+                setattr(expert, name, base)
+        yield
+    finally:
+        for expert, name, wrapper, original in swaps:
+            wrapper.base.weight = original
+            setattr(expert, name, wrapper)
+
+
+def apply_factorllm(model, options: Optional[FactorLLMOptions] = None, cfg=None):
     """Prepare a factorised model for FactorLLM training: freeze all but the experts and
-    routers (or the routers only), hook the PA and balance losses. Returns the hook handles."""
+    routers (or the routers only, or the routers and LoRA adapters on the frozen experts, whose
+    rank, alpha, seed and targets come from the MoLEConfig ``cfg``), hook the PA and balance
+    losses. Returns the hook handles."""
     options = options or FactorLLMOptions()
     layers = moe_layers(model)
     if not layers:
         raise ConfigError("method 'factorllm' needs a factorised base (megatron-mole factorize): this model has "
                           "no FactorLLM MoE layer")
+    if options.trainable == "adapters+routers" and cfg is None:
+        raise ConfigError("factorllm.trainable='adapters+routers' needs the MoLEConfig (rank, alpha) of the adapters")
     for p in model.parameters():
         p.requires_grad_(False)
     install_context_hooks(model)
@@ -257,14 +333,18 @@ def apply_factorllm(model, options: Optional[FactorLLMOptions] = None):
         if options.trainable == "experts+routers":
             for p in moe.experts.parameters():
                 p.requires_grad_(True)
+        # the teacher first: from the experts' base weights, before any adapter
         handles.append(moe.register_forward_hook(_PAHook(moe, options, layer), with_kwargs=True))
+        if options.trainable == "adapters+routers":
+            _expert_adapters(moe, layer, cfg)
     return handles
 
 
 @register_method
 class FactorLLMMethod(Method):
-    """``MoLEConfig(method="factorllm")``: no adapters; ``apply_mole`` hands the model to
-    :func:`apply_factorllm` (the loss weights come from ``options``)."""
+    """``MoLEConfig(method="factorllm")``: ``apply_mole`` hands the model to :func:`apply_factorllm`
+    (the loss weights and trainable set come from ``options``; expert adapters, with
+    ``trainable: adapters+routers``, are LoRA of rank ``cfg.rank``)."""
 
     name = "factorllm"
 
@@ -272,5 +352,5 @@ class FactorLLMMethod(Method):
         raise NotImplementedError("factorllm adapts whole MoE layers")
 
     def apply_model(self, model, cfg, options=None):
-        apply_factorllm(model, options)
+        apply_factorllm(model, options, cfg)
         return model

@@ -328,11 +328,15 @@ class Trainer:
     def _save_factorllm(self) -> Path:
         """FactorLLM trains the model's own experts and routers: save the model as a converted
         checkpoint ``save_dir/model_step_N`` (atomic; the frozen dense teacher is not part of
-        the model, so it is not saved), loadable by ``load_model``, ``train`` and ``verify``."""
+        the model, so it is not saved), loadable by ``load_model``, ``train`` and ``verify``.
+        Expert adapters are merged into the expert weights for it (W + (alpha/r) B A)."""
         from megatron_mole.checkpoint.factorize import save_model
+        from megatron_mole.layers.factorllm import merged_expert_adapters
 
         out = Path(self.cfg.checkpoint.save_dir) / f"model_step_{self.step}"
-        save_model([ddp.module for ddp in self.model], self.cfg.base.checkpoint, str(out))
+        chunks = [ddp.module for ddp in self.model]
+        with merged_expert_adapters(chunks):
+            save_model(chunks, self.cfg.base.checkpoint, str(out))
         return out
 
     # ------------------------------------------------------------------ one step
