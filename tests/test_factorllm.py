@@ -158,6 +158,8 @@ def _job(work):
     lap("train_layouts")
     out["adapters"] = _adapter_runs(work, tokens, pos)
     lap("train_adapters")
+    out["resumed"] = _resumed_runs(work)
+    lap("resume")
     # routers only, PA loss alone (no balance loss): the routers move; with no PA loss they do not
     moved, trained = {}, {}
     for name, coeff in {"pa": 0.05, "none": 0.0}.items():
@@ -210,7 +212,8 @@ def _adapter_runs(work, tokens, pos):
             return {n: p.detach().clone() for ddp in trainer.model for n, p in ddp.module.named_parameters()}
 
         before = params()
-        out[name] = [r["loss"] for r in trainer.run().records]
+        records = trainer.run().records
+        out[name], out["aux_" + name] = [r["loss"] for r in records], records[-1]["aux"]
         if name != "EP1":
             continue
         after = params()  # after the save, which merges the adapters for a while
@@ -238,6 +241,22 @@ def _adapter_runs(work, tokens, pos):
         megatron_V = megatron[..., :hf.shape[-1]]  # Megatron pads the vocabulary
         out["hf_vs_megatron"] = float((hf - megatron_V).abs().max()) / float(megatron_V.abs().max())
         out["adapter_effect"] = float((megatron - model_without_adapters(work, tokens, pos)).abs().max())
+    return out
+
+
+def _resumed_runs(work):
+    """Runs stopped after step 2 (a training checkpoint there) and resumed to step 3: experts and
+    routers at EP1, adapters and routers at EP2 (the uninterrupted runs are above)."""
+    from megatron_mole.training.loop import Trainer
+
+    out = {}
+    for name, extra in {"experts": {}, "adapters": {"factorllm__trainable": "adapters+routers", "mole__rank": 4,
+                                                     "mole__alpha": 8.0, "parallel__ep": 2}}.items():
+        save = str(work / f"resume_{name}")
+        first = Trainer(_train_cfg(work, schedule__max_steps=2, checkpoint__save_dir=save, **extra)).run()
+        second = Trainer(_train_cfg(work, checkpoint__load_dir=save, checkpoint__save_dir=save, **extra)).run()
+        out[name] = {"losses": [r["loss"] for r in first.records + second.records],
+                     "aux": second.records[-1]["aux"], "start": second.start_step}
     return out
 
 
@@ -326,3 +345,17 @@ def test_adapters_on_frozen_experts(launched):
         unadapted = torch.stack([((expert(x) - teacher / 2.0) ** 2).mean(-1) for expert in base.experts], dim=1)
     assert torch.allclose(errors, want, rtol=1e-4, atol=1e-9), (errors, want)
     assert not torch.allclose(unadapted, want, rtol=1e-3, atol=1e-9)
+
+
+def test_resumed_run_reproduces_the_uninterrupted_one(launched):
+    resumed, ad = launched["resumed"], launched["adapters"]
+    references = {"experts": (launched["losses"]["EP1"], launched["aux"]["EP1"]),
+                  "adapters": (ad["EP2"], ad["aux_EP2"])}
+    for name, (losses, aux) in references.items():
+        got = resumed[name]
+        assert got["start"] == 2 and len(got["losses"]) == 3
+        for a, b in zip(losses, got["losses"]):
+            assert abs(a - b) <= 1e-6 * abs(a), (name, losses, got["losses"])
+        # step 3's PA loss: the teacher is the factorised base's dense FFN, not the trained experts
+        for layer, stats in aux.items():
+            assert abs(stats["pa_loss"] - got["aux"][layer]["pa_loss"]) <= 1e-6 * stats["pa_loss"], (name, layer)

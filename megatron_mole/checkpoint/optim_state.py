@@ -39,7 +39,10 @@ def _replica_id(t) -> tuple:
 
     tp_split = t.split_dim is not None and t.placement.tp_size > 1
     tp = 0 if tp_split else ps.get_tensor_model_parallel_rank()
-    dp = ps.get_expert_data_parallel_rank() if t.experts.size > 1 else ps.get_data_parallel_rank()
+    # expert-parallel tensors, and adapters of the base's experts (allreduce=False, FactorLLM's expert
+    # LoRA): one copy per expert-data-parallel group
+    per_expert = t.experts.size > 1 or getattr(t.param, "allreduce", True) is False
+    dp = ps.get_expert_data_parallel_rank() if per_expert else ps.get_data_parallel_rank()
     return (0, tp, dp)
 
 
@@ -161,12 +164,13 @@ def _sub_sharded_state_dict(sub, model_sd, is_loading):
     return sub.sharded_state_dict(model_sd, is_loading=is_loading, metadata=METADATA)
 
 
-def _sharded(optimizer, model, is_loading: bool):
-    """(per-sub-optimizer state dicts, their ShardedBase leaves in one traversal order)."""
+def _sharded(optimizer, model, is_loading: bool, extra=None):
+    """(per-sub-optimizer state dicts, their ShardedBase leaves in one traversal order). ``extra``:
+    descriptions of trainable params that are not adapter tensors (FactorLLM's routers, experts)."""
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import ShardedBase
 
-    model_sd = adapter_sharded_state_dict(model)
+    model_sd = {**adapter_sharded_state_dict(model), **(extra or {})}
     for sub in sub_optimizers(optimizer):
         _fix_group_index_map(sub)
     if is_loading:
@@ -185,23 +189,40 @@ def _sharded(optimizer, model, is_loading: bool):
     return parts, leaves
 
 
-def save_optimizer_state(optimizer, model, directory) -> None:
-    """Collective: every rank writes its part of the optimizer state into ``directory`` (torch_dist)."""
+def save_optimizer_state(optimizer, model, directory, extra=None, params=None) -> None:
+    """Collective: every rank writes its part of the optimizer state into ``directory`` (torch_dist);
+    ``params`` (descriptions, fresh ones: saving consumes them): these params' values too."""
     from megatron.core import dist_checkpointing
 
-    _, leaves = _sharded(optimizer, model, is_loading=False)
+    _, leaves = _sharded(optimizer, model, is_loading=False, extra=extra)
+    payload = {i: leaf for i, leaf in enumerate(leaves)}
+    if params:
+        payload["params"] = params
     compat.prime_checkpoint_writer()
-    dist_checkpointing.save({i: leaf for i, leaf in enumerate(leaves)}, str(directory))
+    dist_checkpointing.save(payload, str(directory))
 
 
-def load_optimizer_state(optimizer, model, directory, step: int | None) -> None:
+def load_params(params: dict, directory) -> None:
+    """Collective: this rank's shard of each described param (``{key: description}``), as
+    ``save_optimizer_state(params=...)`` wrote it at any layout, copied into the param."""
+    from megatron.core import dist_checkpointing
+
+    targets = {key: description.data for key, description in params.items()}
+    loaded = dist_checkpointing.load({"params": params}, str(directory))["params"]
+    with torch.no_grad():
+        for key, param in targets.items():
+            param.copy_(loaded[key])
+
+
+def load_optimizer_state(optimizer, model, directory, step: int | None, extra=None) -> None:
     """Collective: load the Adam moments and fp32 main params of this rank's shard of every adapter
-    param from ``directory`` (saved at any layout), then set Adam's step count to ``step``."""
+    param (and of the ``extra`` described ones) from ``directory`` (saved at any layout), then set
+    Adam's step count to ``step``."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
 
-    parts, leaves = _sharded(optimizer, model, is_loading=True)
+    parts, leaves = _sharded(optimizer, model, is_loading=True, extra=extra)
     loaded = dist_checkpointing.load({i: leaf for i, leaf in enumerate(leaves)}, str(directory))
     values = iter(loaded[i] for i in range(len(leaves)))
     for sub, part in zip(sub_optimizers(optimizer), parts):

@@ -285,30 +285,51 @@ def expert_adapter_wrappers(chunks) -> List[Tuple[torch.nn.Module, str, torch.nn
 
 
 @contextmanager
-def merged_expert_adapters(chunks):
+def merged_expert_adapters(chunks, merge: bool = True):
     """Inside: every expert LoRA folded into its linear, ``W + (alpha/r) B A`` (computed in
     float64, rounded once to W's dtype), the wrapper swapped for the plain linear, so the model
     is a plain factorised model (``save_model``, then ``convert mcore-to-hf`` and
-    ``load_factorllm`` as for any factorised checkpoint). The wrappers and the base weights
-    (the very tensors, untouched) are put back on exit."""
+    ``load_factorllm`` as for any factorised checkpoint). ``merge=False``: the wrappers are only
+    taken out (Megatron's ``sharded_state_dict`` of the other params). The wrappers and the base
+    weights (the very tensors, untouched) are put back on exit."""
     swaps = []
     try:
         with torch.no_grad():
             for expert, name, wrapper in expert_adapter_wrappers(chunks):
                 base, lora = wrapper.base, wrapper.lora
-                delta = wrapper.cfg.scaling * (lora.lora_b.double() @ lora.lora_a.double())
                 original = base.weight
-                merged = torch.nn.Parameter((original.double() + delta).to(original.dtype), requires_grad=False)
-                for attr, value in vars(original).items():  # Megatron's allreduce / tensor_model_parallel
-                    setattr(merged, attr, value)
+                if merge:
+                    delta = wrapper.cfg.scaling * (lora.lora_b.double() @ lora.lora_a.double())
+                    merged = torch.nn.Parameter((original.double() + delta).to(original.dtype), requires_grad=False)
+                    for attr, value in vars(original).items():  # Megatron's allreduce / tensor_model_parallel
+                        setattr(merged, attr, value)
+                    base.weight = merged
                 swaps.append((expert, name, wrapper, original))
-                base.weight = merged
                 setattr(expert, name, base)
         yield
     finally:
         for expert, name, wrapper, original in swaps:
             wrapper.base.weight = original
             setattr(expert, name, wrapper)
+
+
+def trained_param_descriptions(chunks) -> dict:
+    """{chunk-local param name: Megatron's own sharded description} of the trainable params that are
+    not adapter tensors (the routers; the experts when they train): what a training checkpoint must
+    hold beside the adapters and the optimizer state to resume a FactorLLM run at any layout. (The
+    descriptions carry the global keys and offsets; Megatron's keys alone repeat over layers.)"""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    trainable = {id(p): f"{i}.{name}" for i, chunk in enumerate(chunks)
+                 for name, p in chunk.named_parameters() if p.requires_grad}
+    out = {}
+    with merged_expert_adapters(chunks, merge=False):  # Megatron's experts cannot describe our wrappers
+        for chunk in chunks:
+            for value in nested_values(chunk.sharded_state_dict()):
+                name = trainable.get(id(getattr(value, "data", None)))
+                if name is not None:
+                    out[name] = value
+    return out
 
 
 def apply_factorllm(model, options: Optional[FactorLLMOptions] = None, cfg=None):

@@ -193,7 +193,9 @@ class Trainer:
         # The adapters enter the model before the optimizer copies them (its fp32 main params under
         # bf16): loaded later, the optimizer's first step would write its stale copies back.
         self.checkpoint = self._read_checkpoint()
-        if self.checkpoint is not None:
+        if self.checkpoint is not None and self.factorllm:  # after apply_mole built the teachers from the base
+            optim_state.load_params(self._trained_params(chunks, adapters=True), self.checkpoint.collective_dir)
+        elif self.checkpoint is not None:
             mm.load_adapter_state_dict(chunks, self.checkpoint.shared["adapters"])
         self.monitor = RouterLoadMonitor(chunks)
         self.sequence_parallel = bool(chunks[0].config.sequence_parallel)
@@ -257,16 +259,28 @@ class Trainer:
         ck = self.cfg.checkpoint
         if ck.load_dir is None:
             return None
-        if self.factorllm:
-            raise ckpt_io.CheckpointError("method 'factorllm' does not resume from a training checkpoint; train "
-                                          "from a saved model instead (base.checkpoint: SAVE_DIR/model_step_N)")
         checkpoint = ckpt_io.load_checkpoint(ck.load_dir, ck.load_step)
         shared = checkpoint.shared
         if shared is None or "adapters" not in shared:
             raise ckpt_io.CheckpointError(f"{checkpoint.path} holds no adapter state (not a training checkpoint)")
         if checkpoint.collective_dir is None or "optimizer" not in shared:
             raise ckpt_io.CheckpointError(f"{checkpoint.path} holds no optimizer state ({ckpt_io.COLLECTIVE_DIR}/)")
+        if bool(shared.get("factorllm")) != self.factorllm:
+            raise ckpt_io.CheckpointError(f"{checkpoint.path} is {'' if shared.get('factorllm') else 'not '}a "
+                                          f"FactorLLM training checkpoint; this run's mole.method is "
+                                          f"{self.mole_config.method!r}")
         return checkpoint
+
+    def _trained_params(self, chunks=None, adapters=False):
+        """FactorLLM: sharded descriptions (fresh: saving and loading consume them) of the trained
+        params that are not adapter tensors (routers, experts), with ``adapters`` the adapters' too."""
+        from megatron_mole.layers.factorllm import trained_param_descriptions
+
+        if not self.factorllm:
+            return None
+        chunks = chunks if chunks is not None else [ddp.module for ddp in self.model]
+        out = trained_param_descriptions(chunks)
+        return {**optim_state.adapter_sharded_state_dict(chunks), **out} if adapters else out
 
     def resume(self):
         """Everything but the adapters (loaded before the optimizer was built) from the checkpoint."""
@@ -278,7 +292,7 @@ class Trainer:
             self._info(f"warning: {checkpoint.path} was trained on base {shared['base'].get('checkpoint')}, "
                        f"whose spec differs from {self.base_ref['checkpoint']}")
         optim_state.load_optimizer_state(self.optimizer, self.model, checkpoint.collective_dir,
-                                         shared["optimizer"]["adam_step"])
+                                         shared["optimizer"]["adam_step"], extra=self._trained_params())
         # After the optimizer (whose param groups carry an LR): the scheduler sets the LR of the next
         # step. Its load_state_dict *adds* the saved count to the current one, and __init__ already
         # counted step 1's increment: start from 0 as a scheduler that never stepped.
@@ -303,10 +317,10 @@ class Trainer:
         from megatron_mole.model import adapter_state_dict
 
         ck = self.cfg.checkpoint
-        if self.factorllm:
-            return self._save_factorllm()
         shared, rank_payload = ckpt_io.training_payloads(
-            step=self.step, adapters=adapter_state_dict(self.model), scheduler_state=self.scheduler.state_dict(),
+            # FactorLLM: its trained params (some in experts, split over EP) go with the optimizer state
+            step=self.step, adapters={} if self.factorllm else adapter_state_dict(self.model),
+            scheduler_state=self.scheduler.state_dict(),
             sampler_state=self.loader.state_dict(), base=self.base_ref, layout=self.layout,
             config=config_to_dict(self.cfg))
         shared["mole_config"] = self.mole_config.to_dict()
@@ -319,17 +333,22 @@ class Trainer:
                                            else None, keep_last=ck.keep_last)
         shared["optimizer"] = {"format": "megatron dist_checkpointing torch_dist, " + optim_state.METADATA[
             "distrib_optim_sharding_type"], "adam_step": optim_state.adam_step(self.optimizer)}
+        shared["factorllm"] = self.factorllm
         barrier = dist.barrier if dist.is_initialized() else None
-        return ckpt_io.save_checkpoint(
+        path = ckpt_io.save_checkpoint(
             ck.save_dir, self.step, rank_payload, shared_payload=shared, rank=self.rank,
             world_size=self.info.world_size, barrier=barrier, keep_last=ck.keep_last,
-            collective=lambda directory: optim_state.save_optimizer_state(self.optimizer, self.model, directory))
+            collective=lambda directory: optim_state.save_optimizer_state(
+                self.optimizer, self.model, directory, extra=self._trained_params(),
+                params=self._trained_params(adapters=True)))
+        return self._save_factorllm() if self.factorllm else path
 
     def _save_factorllm(self) -> Path:
-        """FactorLLM trains the model's own experts and routers: save the model as a converted
-        checkpoint ``save_dir/model_step_N`` (atomic; the frozen dense teacher is not part of
-        the model, so it is not saved), loadable by ``load_model``, ``train`` and ``verify``.
-        Expert adapters are merged into the expert weights for it (W + (alpha/r) B A)."""
+        """FactorLLM trains the model's own experts and routers: beside the training checkpoint
+        (resumable: ``checkpoint.load_dir``), save the model as a converted checkpoint
+        ``save_dir/model_step_N`` (atomic; the frozen dense teacher is not part of the model, so
+        it is not saved), loadable by ``load_model``, ``train`` and ``verify``. Expert adapters
+        are merged into the expert weights for it (W + (alpha/r) B A)."""
         from megatron_mole.checkpoint.factorize import save_model
         from megatron_mole.layers.factorllm import merged_expert_adapters
 
