@@ -83,6 +83,16 @@ def adapter_sharded_state_dict(model) -> dict:
             for w in adapter_wrappers(model) for t in w.adapter_tensors()}
 
 
+def factorllm_params(chunks, adapters: bool) -> dict:
+    """Sharded descriptions (fresh: saving and loading consume them) of a FactorLLM run's trained
+    params that are not adapter tensors (routers, experts: Megatron's own), with ``adapters`` the
+    expert adapters' too: the ``extra`` and ``params`` of the functions below."""
+    from megatron_mole.layers.factorllm import trained_param_descriptions
+
+    out = trained_param_descriptions(chunks)
+    return {**adapter_sharded_state_dict(chunks), **out} if adapters else out
+
+
 def sub_optimizers(optimizer) -> list:
     """The optimizers of a ChainedOptimizer (itself otherwise) that hold params on this rank."""
     return [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if getattr(o, "optimizer", None)]

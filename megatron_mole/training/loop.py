@@ -41,7 +41,9 @@ Notable:
   built (its fp32 main copies start from them). At the same layout a resume reproduces the
   uninterrupted run bit for bit (losses and LRs, fp32 and bf16); at another TP/PP/EP/DP
   layout the optimizer state is resharded by dist_checkpointing (losses within ~1e-7
-  relative in fp32); only the RNG states (dropout) are not carried over.
+  relative in fp32); only the RNG states (dropout) are not carried over. A FactorLLM run
+  saves its trained params (routers, experts or expert adapters) with the optimizer state
+  instead, and ``model_step_N`` beside it; its teacher is always rebuilt from the base.
 - **LR schedule**: step i (1-based) runs at the schedule's value after i scheduler
   increments, so the first step trains (Megatron's warmup starts at 0); decay ends
   one step after ``max_steps``. Config values win over a checkpoint's on resume; the
@@ -272,15 +274,10 @@ class Trainer:
         return checkpoint
 
     def _trained_params(self, chunks=None, adapters=False):
-        """FactorLLM: sharded descriptions (fresh: saving and loading consume them) of the trained
-        params that are not adapter tensors (routers, experts), with ``adapters`` the adapters' too."""
-        from megatron_mole.layers.factorllm import trained_param_descriptions
-
+        """FactorLLM: its trained params' descriptions (optim_state.factorllm_params); None otherwise."""
         if not self.factorllm:
             return None
-        chunks = chunks if chunks is not None else [ddp.module for ddp in self.model]
-        out = trained_param_descriptions(chunks)
-        return {**optim_state.adapter_sharded_state_dict(chunks), **out} if adapters else out
+        return optim_state.factorllm_params(chunks or [ddp.module for ddp in self.model], adapters)
 
     def resume(self):
         """Everything but the adapters (loaded before the optimizer was built) from the checkpoint."""

@@ -8,7 +8,7 @@ Example (every section but ``base`` and ``data`` is optional; defaults below)::
                micro_batch: 1, global_batch: 8}
     mole: {num_experts: 4, rank: 8, alpha: 16, top_k: 1}   # MoLEConfig keyword arguments, passed through
     factorllm: {pa_loss_coeff: 0.05, balance_loss_coeff: 0.01,  # used with mole: {method: factorllm}
-                trainable: experts+routers}                     # or: routers
+                trainable: experts+routers}                     # or: routers, adapters+routers (mole: rank, alpha)
     optimizer: {lr: 2.0e-4, weight_decay: 0.0, betas: [0.9, 0.999], eps: 1.0e-8, clip_grad: 1.0,
                 distributed: true}
     schedule: {max_steps: 100, warmup_steps: 10, decay_style: cosine, min_lr: 0.0}
