@@ -296,6 +296,8 @@ def test_training_losses_equal_at_ep1_ep2_pp2_tp2(launched):
     losses, aux = launched["losses"], launched["aux"]
     assert len(losses["EP1"]) == 3 and launched["tp2_sequence_parallel"]
     for name in ("EP2", "PP2", "TP2", "TP2SP"):
+        print("layout", name, max(abs(a - b) / abs(a) for a, b in zip(losses["EP1"], losses[name])),
+              max(abs(s["pa_loss"] - aux[name][k]["pa_loss"]) / s["pa_loss"] for k, s in aux["EP1"].items()))
         for a, b in zip(losses["EP1"], losses[name]):
             assert abs(a - b) <= 1e-5 * abs(a), (name, losses)
         # the PA and balance losses of step 3 (after two router updates), over all non-padding tokens

@@ -289,7 +289,7 @@ class Trainer:
             self._info(f"warning: {checkpoint.path} was trained on base {shared['base'].get('checkpoint')}, "
                        f"whose spec differs from {self.base_ref['checkpoint']}")
         optim_state.load_optimizer_state(self.optimizer, self.model, checkpoint.collective_dir,
-                                         shared["optimizer"]["adam_step"], extra=self._trained_params())
+                                         shared["optimizer"]["adam_step"], self._trained_params())
         # After the optimizer (whose param groups carry an LR): the scheduler sets the LR of the next
         # step. Its load_state_dict *adds* the saved count to the current one, and __init__ already
         # counted step 1's increment: start from 0 as a scheduler that never stepped.
