@@ -7,10 +7,11 @@ One process, CPU (or the machine's first GPU): builds the quickstart's base (its
 tokenizer and tiny Llama pretrained on the texts; ``--hidden``/``--ffn``/``--layers``
 make it larger), converts it, factorises it (N experts, top N/2, contiguous and
 clustered), and trains FactorLLM (``megatron-mole train`` machinery, ``method:
-factorllm``) for ``--steps`` steps, routers only and experts + routers. Every model is
+factorllm``) for ``--steps`` steps, routers only, experts + routers and LoRA adapters on the
+frozen experts + routers (``--trainable``, ``--split`` pick a subset). Every model is
 evaluated on the same held-out batches (another seed of the synthetic set, response
 tokens only); the same training of the all-experts factorisation (= the dense MLPs
-fine-tuned) is the baseline for experts + routers. Forward times are the median of ``--reps`` no-grad forwards of
+fine-tuned; ``--no-baseline`` skips it) is the baseline for experts + routers. Forward times are the median of ``--reps`` no-grad forwards of
 [8, 128] tokens, dense and factorised timed alternately in this process.
 """
 import argparse
@@ -81,7 +82,7 @@ def train(work: Path, base: str, out: str, trainable: str, steps: int) -> str:
     cfg = config_from_dict({
         "base": {"checkpoint": base, "tokenizer": str(work / "hf_base")},
         "parallel": {"tp": 1, "pp": 1, "ep": 1, "micro_batch": 8, "global_batch": 16},
-        "mole": {"method": "factorllm"},
+        "mole": {"method": "factorllm"},  # adapters: LoRA rank 8, alpha 16 (MoLEConfig's defaults)
         "factorllm": {"trainable": trainable},
         "optimizer": {"lr": 1.0e-3, "clip_grad": 1.0, "distributed": False},
         "schedule": {"max_steps": steps, "warmup_steps": min(10, steps), "decay_style": "cosine"},
@@ -104,7 +105,12 @@ def main(argv=None):
     parser.add_argument("--ffn", type=int, default=None)
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", default="contiguous,clustered", help="comma-separated splits to train")
+    parser.add_argument("--trainable", default="routers,experts+routers,adapters+routers",
+                        help="comma-separated factorllm.trainable values to train")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the all-experts fine-tuning baseline")
     args = parser.parse_args(argv)
+    splits, trainables = args.split.split(","), args.trainable.split(",")
 
     import megatron_mole as mm
     from megatron_mole import runtime
@@ -123,7 +129,7 @@ def main(argv=None):
     info = mm.init_distributed(tp=1, pp=1, ep=1)
     n, k = args.experts, max(1, args.experts // 2)
     dirs = {"dense": str(work / "mcore")}
-    for split in ("contiguous", "clustered"):
+    for split in splits:
         dirs[split] = str(work / f"fac_{split}")
         factorize(dirs["dense"], dirs[split], n, top_k=k, split=split, seed=args.seed)
     dirs["all_experts"] = str(work / "fac_all")
@@ -132,22 +138,23 @@ def main(argv=None):
     rows = [("dense", "dense base", evaluate(dirs["dense"], batches, info.device)),
             ("all_experts", f"factorised, all {n} experts (= dense)", evaluate(dirs["all_experts"], batches,
                                                                                   info.device))]
-    for split in ("contiguous", "clustered"):
+    for split in splits:
         rows.append((split, f"factorised {split}, top-{k}/{n}, before training",
                      evaluate(dirs[split], batches, info.device)))
-        for trainable in ("routers", "experts+routers"):
+        for trainable in trainables:
             start = time.perf_counter()
             trained = train(work, dirs[split], str(work / f"run_{split}_{trainable.replace('+', '_')}"), trainable,
                             args.steps)
             rows.append((trained, f"factorised {split}, top-{k}/{n}, after {args.steps} steps ({trainable}; "
                                   f"{time.perf_counter() - start:.0f}s)", evaluate(trained, batches, info.device)))
     # the same training with all N experts on (weight 1): the dense MLPs fine-tuned alike, a baseline
-    start = time.perf_counter()
-    trained = train(work, dirs["all_experts"], str(work / "run_all_experts"), "experts+routers", args.steps)
-    rows.append((trained, f"dense MLPs fine-tuned alike (all {n} experts, experts+routers; "
-                          f"{time.perf_counter() - start:.0f}s)", evaluate(trained, batches, info.device)))
+    if not args.no_baseline:
+        start = time.perf_counter()
+        trained = train(work, dirs["all_experts"], str(work / "run_all_experts"), "experts+routers", args.steps)
+        rows.append((trained, f"dense MLPs fine-tuned alike (all {n} experts, experts+routers; "
+                              f"{time.perf_counter() - start:.0f}s)", evaluate(trained, batches, info.device)))
     vocab = read_spec(dirs["dense"])["shapes"]["hf_vocab_size"]
-    times = forward_times({"dense": dirs["dense"], "factorised": dirs["contiguous"]}, args.reps, info.device, vocab)
+    times = forward_times({"dense": dirs["dense"], "factorised": dirs[splits[0]]}, args.reps, info.device, vocab)
     print("| model | eval loss | perplexity |\n|---|---|---|")
     for _, what, loss in rows:
         print(f"| {what} | {loss:.4f} | {torch.tensor(loss).exp():.3f} |")
