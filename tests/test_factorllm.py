@@ -202,7 +202,14 @@ def _adapter_runs(work, tokens, pos):
     from megatron_mole.hf import load_factorllm
     from megatron_mole.training.loop import Trainer
 
-    out = {}
+    from megatron_mole.errors import ConfigError
+
+    out = {"refused": {}}
+    for name, bad in {"tp2": {"parallel__tp": 2}, "dropout": {"mole__dropout": 0.1}}.items():
+        try:
+            Trainer(_train_cfg(work, factorllm__trainable="adapters+routers", **bad))
+        except ConfigError as error:
+            out["refused"][name] = str(error)
     for name, layout in {"EP1": {"checkpoint__save_dir": str(work / "save_adapters")},
                          "EP2": {"parallel__ep": 2}}.items():
         trainer = Trainer(_train_cfg(work, factorllm__trainable="adapters+routers", mole__rank=4, mole__alpha=8.0,
@@ -330,6 +337,9 @@ def test_adapters_on_frozen_experts(launched):
     assert ad["trainable"] == ["bias", "lora_a", "lora_b", "weight"]  # router weight and bias, the LoRA
     for a, b in zip(ad["EP1"], ad["EP2"]):
         assert abs(a - b) <= 1e-5 * abs(a), ad
+    refused = ad["refused"]
+    assert "expert tensor parallel size 1" in refused["tp2"] and "got 2" in refused["tp2"], refused
+    assert "mole.dropout=0.1" in refused["dropout"], refused
     # the export (adapters merged into the expert weights) runs in transformers as the live model does
     assert ad["adapter_effect"] > 1e-3
     print("adapters: logits rel diff HF vs Megatron", ad["hf_vs_megatron"], "losses", ad["EP1"], ad["EP2"])
