@@ -1,8 +1,10 @@
-"""FactorLLM: factorisation, the Prior-Approximate loss, training at EP1/EP2/PP2/TP2(+SP).
+"""FactorLLM: factorisation, the Prior-Approximate loss, training at EP1/EP2/PP2/TP2(+SP),
+LoRA adapters on the frozen experts, resume from training checkpoints.
 
 References are independent of the code under test: the dense model's own logits
 (Megatron's dense GPTModel), a per-token hand computation of KL(p || q) in plain Python
-loops, and the same training job at another layout. One 2-process launch runs the
+loops, the same training job at another layout or uninterrupted, and the exported model in
+transformers (the expert errors by hand from its experts). One 2-process launch runs the
 factorisations, the logit checks, the bad-input errors and the training jobs.
 """
 import math
