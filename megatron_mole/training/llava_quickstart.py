@@ -83,7 +83,7 @@ def write_data(data_dir: Path, per_combo: int, seed: int, name: str) -> list:
     return records
 
 
-def build_base(work_dir: Path, seed: int, pretrain_steps: int) -> Path:
+def build_base(work_dir: Path, seed: int, pretrain_steps: int, per_combo: int = 8) -> Path:
     import torch
     from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, \
         LlavaForConditionalGeneration
@@ -92,7 +92,7 @@ def build_base(work_dir: Path, seed: int, pretrain_steps: int) -> Path:
     from megatron_mole.training.tokenizer import ROLE_TOKENS, train_tokenizer
 
     data = work_dir / "data"
-    train = write_data(data, 8, seed, "train")
+    train = write_data(data, per_combo, seed, "train")
     write_data(data, 2, seed, "eval")
     hf_dir = work_dir / "hf_base"
     texts = [m["content"] for r in train for m in r["messages"]] * 2
@@ -125,8 +125,9 @@ def build_base(work_dir: Path, seed: int, pretrain_steps: int) -> Path:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    print(f"quickstart: pretrained the LLaVA base {pretrain_steps} steps on English questions "
-          f"(last loss {loss.item():.3f})", flush=True)
+    if pretrain_steps:
+        print(f"quickstart: pretrained the LLaVA base {pretrain_steps} steps on English questions "
+              f"(last loss {loss.item():.3f})", flush=True)
     model.save_pretrained(hf_dir)
     return hf_dir
 
