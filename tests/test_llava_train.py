@@ -6,7 +6,7 @@ pretrained) and its synthetic shape/colour images in four languages: MoLE (top-1
 Parrot (2 experts; step 1 is stage 1, steps 2-3 stage 2) at TP2 saving every step; resumed from
 step 1 (the stage-1 optimizer, then the switch) and from step 2 (the stage-2 optimizer: Parrot's
 and the projector's Adam moments through dist_checkpointing) the losses and LRs equal the
-uninterrupted run's bit for bit; TP1 x DP2 gives the same losses (1e-5); the last checkpoint,
+uninterrupted run's bit for bit; TP1 x DP2 and PP2 give the same losses (1e-5); the last checkpoint,
 exported by ``megatron-mole export``, runs in transformers within 1e-4 of Megatron. In process:
 a bad config is a one-line ConfigError naming the field.
 """
@@ -33,12 +33,10 @@ def _config(work: Path, **sets) -> dict:
         "multimodal": {"parrot": {"num_experts": 2, "ffn_hidden_size": 32, "stage1_steps": 1}},
         "checkpoint": {"keep_last": None},
     }
-    for dotted, value in sets.items():
-        node = config
-        *parents, leaf = dotted.split("__")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+    from megatron_mole.training.train_config import set_dotted
+
+    for key, value in sets.items():  # a__b=value sets config["a"]["b"]
+        set_dotted(config, key.replace("__", "."), value)
     return config
 
 
@@ -77,6 +75,7 @@ def _jobs(work):
     run("tp2@1", checkpoint__load_dir=save, checkpoint__load_step=1)
     run("tp2@2", checkpoint__load_dir=save, checkpoint__load_step=2)
     run("tp1", parallel__tp=1)
+    run("pp2", parallel__tp=1, parallel__pp=2)
     adapter = str(work / "adapter")
     if info.rank == 0:
         args = argparse.Namespace(checkpoint=save, step=None, base=None, out=adapter, overwrite=False, format="mole",
@@ -97,8 +96,10 @@ def test_train_llava_resume_layouts_export(llava_work):
     # resumed at the stage boundary and inside stage 2: bit for bit
     assert rank0["tp2@1"] == ref[1:]
     assert rank0["tp2@2"] == ref[2:]
-    for (_, a, lr_a), (_, b, lr_b) in zip(rank0["tp1"], ref):
-        assert abs(a - b) <= 1e-5 * abs(b) and lr_a == lr_b
+    for layout in ("tp1", "pp2"):
+        assert len(rank0[layout]) == STEPS
+        for (_, a, lr_a), (_, b, lr_b) in zip(rank0[layout], ref):
+            assert abs(a - b) <= 1e-5 * abs(b) and lr_a == lr_b, layout
     assert "Parrot 2 experts" in rank0["export"] and "projector yes" in rank0["export"]
     assert rank0["exported"]["projector"] and rank0["exported"]["parrot"]["num_experts"] == 2
     assert rank0["verify"]["ok"], rank0["verify"]

@@ -12,6 +12,10 @@ unbatched p2p ops, PP2 x VPP2 reproduce PP4's and PP2's losses on 4 CPU ranks).
 
 Notable:
 
+- **Model families** (family.py): what differs between bases (dataset and loader, the forward step,
+  the schedule's sequence length, config checks against the base, extra checkpoint state, a
+  trainable set that changes mid-run) comes from ``family_for(cfg)``: GPT/hybrid bases, or a LLaVA
+  base (llava_family.py: image JSONL, MoLE on the LM, the projector, Parrot's two stages).
 - **Loss normalisation.** A step's loss is the mean over every supervised (response)
   token of the global batch, whatever the data-parallel size or micro-batch split.
   Every rank builds the whole global batch (sampler.py), so each knows the token
