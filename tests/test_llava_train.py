@@ -6,7 +6,8 @@ pretrained) and its synthetic shape/colour images in four languages: MoLE (top-1
 Parrot (2 experts; step 1 is stage 1, steps 2-3 stage 2) at TP2 saving every step; resumed from
 step 1 (the stage-1 optimizer, then the switch) and from step 2 (the stage-2 optimizer: Parrot's
 and the projector's Adam moments through dist_checkpointing) the losses and LRs equal the
-uninterrupted run's bit for bit; TP1 x DP2 and PP2 give the same losses (1e-5); the last checkpoint,
+uninterrupted run's bit for bit; TP1 x DP2 and PP2 give the same losses (1e-5), and so does step 3
+resumed at PP2 from the TP2 checkpoint (optimizer state resharded); the last checkpoint,
 exported by ``megatron-mole export``, runs in transformers within 1e-4 of Megatron. In process:
 a bad config is a one-line ConfigError naming the field.
 """
@@ -76,6 +77,8 @@ def _jobs(work):
     run("tp2@2", checkpoint__load_dir=save, checkpoint__load_step=2)
     run("tp1", parallel__tp=1)
     run("pp2", parallel__tp=1, parallel__pp=2)
+    # another layout: the projector's and Parrot's Adam state resharded by dist_checkpointing
+    run("pp2@2", parallel__tp=1, parallel__pp=2, checkpoint__load_dir=save, checkpoint__load_step=2)
     adapter = str(work / "adapter")
     if info.rank == 0:
         args = argparse.Namespace(checkpoint=save, step=None, base=None, out=adapter, overwrite=False, format="mole",
@@ -100,6 +103,7 @@ def test_train_llava_resume_layouts_export(llava_work):
         assert len(rank0[layout]) == STEPS
         for (_, a, lr_a), (_, b, lr_b) in zip(rank0[layout], ref):
             assert abs(a - b) <= 1e-5 * abs(b) and lr_a == lr_b, layout
+    assert [s for s, _, _ in rank0["pp2@2"]] == [3] and abs(rank0["pp2@2"][0][1] - ref[2][1]) <= 1e-5 * ref[2][1]
     assert "Parrot 2 experts" in rank0["export"] and "projector yes" in rank0["export"]
     assert rank0["exported"]["projector"] and rank0["exported"]["parrot"]["num_experts"] == 2
     assert rank0["verify"]["ok"], rank0["verify"]
