@@ -522,6 +522,24 @@ def parrot_state_dict(model) -> Dict[str, torch.Tensor]:
     return _merge_over_pp(local)
 
 
+def multimodal_parameters(model) -> Dict[str, nn.Parameter]:
+    """{layout-independent name: this rank's param} of a LLaVAModel's projector
+    (``vision_projection.*``, as :func:`projector_state_dict`) and Parrot's MoE (``parrot.*``, as
+    :func:`parrot_state_dict`), on this rank's stages (empty on later pipeline stages); chunks may
+    be wrapped (DDP)."""
+    out = {}
+    for chunk in _chunks(model):
+        while not hasattr(chunk, "vision_projection") and hasattr(chunk, "module"):
+            chunk = chunk.module
+        projection = getattr(chunk, "vision_projection", None)
+        for name, p in (projection.named_parameters() if projection is not None else ()):
+            if name.startswith("moe."):
+                out["parrot." + name[len("moe."):]] = p
+            else:
+                out["vision_projection." + name.removeprefix("base.")] = p
+    return out
+
+
 # ---------------------------------------------------------------- base MoE routers (router tuning)
 def base_routers(model) -> Dict[str, nn.Module]:
     """{global name: module} of the Megatron-core MoE routers (``TopKRouter``) of this rank's stages."""

@@ -6,7 +6,9 @@
 ``CKPT`` is a training checkpoint root (``latest`` picks the step; ``--step`` another),
 one of its ``step_N`` directories, or a directory written by
 ``megatron_mole.checkpoint.adapters.save_adapter``. The converted base (its key maps and
-shapes) is the one the checkpoint references, or ``--base``.
+shapes) is the one the checkpoint references, or ``--base``. A checkpoint trained on a LLaVA
+base exports the LM's adapters, the projector (when it trained) and Parrot together
+(checkpoint/llava_adapter.py; mole format only).
 
 - ``--format mole`` (default): ``adapter_config.json`` + ``adapter_model.safetensors`` for
   ``megatron_mole.hf.load_mole_adapter``.
@@ -42,9 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --merge: the Hugging Face base directory (default: written back from --base)")
 
 
-def read_source(path: str, step=None):
+def read_source(path: str, step=None, multimodal: bool = False):
     """(Megatron adapter state dict, MoLEConfig dict, base reference) of a training checkpoint
-    or a ``save_adapter`` directory."""
+    or a ``save_adapter`` directory; with ``multimodal``, a fourth entry: the checkpoint's
+    projector and Parrot state (LLaVA bases; None otherwise)."""
     from megatron_mole.checkpoint.adapters import SAVED_CONFIG, load_saved_adapter
     from megatron_mole.checkpoint import ckpt_io
 
@@ -53,7 +56,7 @@ def read_source(path: str, step=None):
     if os.path.exists(os.path.join(path, SAVED_CONFIG)):
         if step is not None:
             raise ValueError(f"--step {step}: {path} is a saved adapter, not a training checkpoint with steps")
-        return load_saved_adapter(path)
+        return (*load_saved_adapter(path), None) if multimodal else load_saved_adapter(path)
     root, name = os.path.split(os.path.abspath(path))
     if os.path.exists(os.path.join(path, ckpt_io.MANIFEST)) and name.startswith("step_"):
         if step is not None and f"step_{step}" != name:
@@ -67,7 +70,8 @@ def read_source(path: str, step=None):
     cfg = shared.get("mole_config") or (shared.get("config") or {}).get("mole")
     if cfg is None:
         raise ckpt_io.CheckpointError(f"{checkpoint.path}/{ckpt_io.SHARED} has no MoLE configuration")
-    return shared["adapters"], cfg, shared.get("base") or {}
+    out = shared["adapters"], cfg, shared.get("base") or {}
+    return (*out, shared.get("multimodal")) if multimodal else out
 
 
 def export(args) -> str:
@@ -81,11 +85,23 @@ def export(args) -> str:
                               f"(pass --overwrite to replace it)")
     if args.hf_base and not args.merge:
         raise ValueError("--hf-base is only used with --merge")
-    sd, cfg, base_ref = read_source(args.checkpoint, args.step)
+    sd, cfg, base_ref, multimodal = read_source(args.checkpoint, args.step, multimodal=True)
     base_dir = args.base or base_ref.get("checkpoint")
     if not base_dir:
         raise ValueError(f"{args.checkpoint} names no base checkpoint: pass --base (the converted base directory)")
     spec = read_spec(base_dir)
+    if multimodal is not None:  # trained on a LLaVA base: LM adapters + projector + Parrot
+        from megatron_mole.checkpoint.llava_adapter import write_llava_adapter
+
+        if args.merge or args.format != "mole":
+            raise ValueError("a LLaVA checkpoint exports in the mole format only (no --merge, no --format peft)")
+        config = write_llava_adapter(args.out, sd, cfg, spec, multimodal["projector"] or None, multimodal["parrot"],
+                                     multimodal["parrot_config"], args.overwrite,
+                                     {**base_ref, "checkpoint": os.path.abspath(base_dir)})
+        parrot = multimodal["parrot_config"]
+        return f"LLaVA adapter ({len(config['modules'])} modules, method {config['method']}, projector " \
+               f"{'yes' if multimodal['projector'] else 'no'}, Parrot " \
+               f"{parrot['num_experts'] if parrot else 0} experts)"
     config, tensors = adapters.to_hf_adapter(sd, cfg, spec, {**base_ref, "checkpoint": os.path.abspath(base_dir)})
     if args.merge:
         if args.hf_base:

@@ -20,7 +20,8 @@ import torch
 from megatron_mole.checkpoint.adapters import CONFIG_NAME, to_hf_adapter, write_adapter_dir
 from megatron_mole.errors import CheckpointError
 
-__all__ = ["export_llava_adapter", "import_llava_adapter", "projector_to_hf", "projector_to_megatron"]
+__all__ = ["export_llava_adapter", "write_llava_adapter", "import_llava_adapter", "load_multimodal_state",
+           "projector_to_hf", "projector_to_megatron"]
 
 _PROJ = re.compile(r"^vision_projection\.encoder\.linear_fc(\d)\.(weight|bias)$")
 _HF_PROJ = re.compile(r"^model\.multi_modal_projector\.linear_(\d)\.(weight|bias)$")
@@ -48,10 +49,7 @@ def projector_to_megatron(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.T
 def export_llava_adapter(model, spec: dict, out_dir: str, projector: bool = True, overwrite: bool = False) -> dict:
     """Collective: every rank calls it; rank 0 writes ``out_dir``. Returns the adapter config."""
     import torch.distributed as dist
-    from safetensors.torch import save_file
 
-    from megatron_mole.checkpoint.convert import atomic_output_dir
-    from megatron_mole.hf.multimodal import MULTIMODAL_NAME
     from megatron_mole.model import adapter_state_dict, parrot_state_dict, projector_state_dict
 
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
@@ -59,19 +57,39 @@ def export_llava_adapter(model, spec: dict, out_dir: str, projector: bool = True
     if cfg is None:
         raise CheckpointError("export_llava_adapter: the model has no MoLE adapters (apply_mole first)")
     sd = adapter_state_dict(chunks)
-    extra = projector_to_hf(projector_state_dict(chunks)) if projector else {}
-    extra.update(parrot_state_dict(chunks))
+    projector_sd = projector_state_dict(chunks) if projector else None
+    parrot_sd = parrot_state_dict(chunks)
     parrot = getattr(chunks[0], "parrot_config", None)
-    config, tensors = to_hf_adapter(sd, cfg, spec)
-    config["multimodal"] = {"projector": bool(projector),
-                            "parrot": None if parrot is None else {k: v for k, v in parrot.items() if k != "seed"},
+    write = not dist.is_initialized() or dist.get_rank() == 0
+    config = write_llava_adapter(out_dir, sd, cfg, spec, projector_sd, parrot_sd, parrot, overwrite, write=write)
+    if dist.is_initialized():
+        dist.barrier()
+    return config
+
+
+def write_llava_adapter(out_dir: str, sd: Dict[str, torch.Tensor], cfg, spec: dict, projector_sd, parrot_sd,
+                        parrot_config, overwrite: bool = False, base_ref: dict | None = None,
+                        write: bool = True) -> dict:
+    """The exported directory from state dicts: the LM's adapters ``sd`` (Megatron names), the
+    projector's full tensors ``projector_sd`` (``vision_projection.*``; None: not exported), Parrot's
+    ``parrot_sd`` (``parrot.*``) and its ``parrot_config`` (None: no Parrot). Used by
+    :func:`export_llava_adapter` (a live model) and ``megatron-mole export`` (a training checkpoint)."""
+    from safetensors.torch import save_file
+
+    from megatron_mole.checkpoint.convert import atomic_output_dir
+    from megatron_mole.hf.multimodal import MULTIMODAL_NAME
+
+    extra = projector_to_hf(projector_sd) if projector_sd is not None else {}
+    extra.update(parrot_sd or {})
+    config, tensors = to_hf_adapter(sd, cfg, spec, base_ref)
+    config["multimodal"] = {"projector": projector_sd is not None,
+                            "parrot": None if parrot_config is None else
+                            {k: v for k, v in parrot_config.items() if k != "seed"},
                             "image_token_id": spec["llava"]["image_token_index"]}
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if write:
         with atomic_output_dir(out_dir, overwrite) as tmp:
             write_adapter_dir(tmp, config, tensors)
             save_file(extra, os.path.join(tmp, MULTIMODAL_NAME), metadata={"format": "pt"})
-    if dist.is_initialized():
-        dist.barrier()
     return config
 
 
@@ -81,7 +99,7 @@ def import_llava_adapter(chunks, adapter_dir: str) -> None:
 
     from megatron_mole.checkpoint.verify import apply_adapter
     from megatron_mole.hf.multimodal import MULTIMODAL_NAME
-    from megatron_mole.layers.parrot import apply_parrot, parrot_module
+    from megatron_mole.layers.parrot import apply_parrot
 
     with open(os.path.join(adapter_dir, CONFIG_NAME)) as f:
         section = json.load(f).get("multimodal") or {}
@@ -90,18 +108,26 @@ def import_llava_adapter(chunks, adapter_dir: str) -> None:
         return
     tensors = load_file(os.path.join(adapter_dir, MULTIMODAL_NAME))
     parrot = section.get("parrot")
+    for chunk in chunks if parrot else ():
+        apply_parrot(chunk, parrot["num_experts"], parrot["ffn_hidden_size"], parrot["alpha"],
+                     parrot.get("lora_rank"), parrot.get("lora_alpha"))
+    load_multimodal_state(chunks, {"vision_projection." + k: v for k, v in projector_to_megatron(tensors).items()},
+                          {k: v for k, v in tensors.items() if k.startswith("parrot.")})
+
+
+def load_multimodal_state(chunks, projector_sd: Dict[str, torch.Tensor], parrot_sd: Dict[str, torch.Tensor]) -> None:
+    """Full projector tensors (``vision_projection.*``, as ``model.projector_state_dict`` names them;
+    each TP rank takes its slice) and Parrot's (``parrot.*``) into the first stage of LLaVAModel chunks."""
+    from megatron_mole.layers.parrot import parrot_module
+
     for chunk in chunks:
-        if parrot:
-            apply_parrot(chunk, parrot["num_experts"], parrot["ffn_hidden_size"], parrot["alpha"],
-                         parrot.get("lora_rank"), parrot.get("lora_alpha"))
         if chunk.vision_projection is None:
             continue
         wrapper = parrot_module(chunk)
         projection = wrapper.base if wrapper is not None else chunk.vision_projection
-        _load_projector(projection, projector_to_megatron(tensors))
+        _load_projector(projection, {k.removeprefix("vision_projection."): v for k, v in projector_sd.items()})
         if wrapper is not None:
-            wrapper.moe.load_state_dict({k[len("parrot."):]: v for k, v in tensors.items()
-                                         if k.startswith("parrot.")})
+            wrapper.moe.load_state_dict({k[len("parrot."):]: v for k, v in parrot_sd.items()})
 
 
 def _load_projector(projection, full: Dict[str, torch.Tensor]) -> None:

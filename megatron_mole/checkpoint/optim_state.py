@@ -25,6 +25,8 @@ must carry over, Adam's step count, is saved by the caller.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from megatron_mole.runtime import compat
@@ -91,6 +93,28 @@ def factorllm_params(chunks, adapters: bool) -> dict:
 
     out = trained_param_descriptions(chunks)
     return {**adapter_sharded_state_dict(chunks), **out} if adapters else out
+
+
+def _dense_description(name: str, param):
+    """ShardedTensor over a non-adapter trainable param (a LLaVA projector's or Parrot's): Megatron's
+    own TP attributes say its split (none: replicated over TP); replicated over DP."""
+    from megatron.core import parallel_state as ps
+
+    split = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+    t = SimpleNamespace(param=param, split_dim=split, experts=SimpleNamespace(size=1, rank=0),
+                        placement=SimpleNamespace(tp_size=ps.get_tensor_model_parallel_world_size(),
+                                                  tp_rank=ps.get_tensor_model_parallel_rank(),
+                                                  stride=getattr(param, "partition_stride", 1), kind="column"))
+    return _description(name, t)
+
+
+def trainable_sharded_state_dict(model) -> dict:
+    """The adapters' descriptions plus those of a LLaVA model's projector and Parrot params."""
+    from megatron_mole.model import multimodal_parameters
+
+    out = adapter_sharded_state_dict(model)
+    out.update({name: _dense_description(name, p) for name, p in multimodal_parameters(model).items()})
+    return out
 
 
 def sub_optimizers(optimizer) -> list:
@@ -180,7 +204,7 @@ def _sharded(optimizer, model, is_loading: bool, extra=None):
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import ShardedBase
 
-    model_sd = {**adapter_sharded_state_dict(model), **(extra or {})}
+    model_sd = {**trainable_sharded_state_dict(model), **(extra or {})}
     for sub in sub_optimizers(optimizer):
         _fix_group_index_map(sub)
     if is_loading:

@@ -4,6 +4,8 @@
         [--max-steps N] [--save DIR] [--save-interval N] [--load DIR] [--load-step N] \\
         [--log-jsonl FILE] [--strict] [--set KEY=VALUE ...]
 
+The base decides the model family (training/family.py): a converted LLaVA base trains on image
+instruction JSONL with its ``multimodal`` section (projector, Parrot; training/llava_family.py).
 The YAML schema is ``megatron_mole.training.train_config``; the flags override it
 (``--set`` any entry, e.g. ``--set parallel.ep=2``). A bad config (an unknown key, a
 wrong type, sizes that do not fit the world), unusable data, a missing file or a bad

@@ -9,13 +9,14 @@
    layers; Llama hidden 64, 2 layers) pretrained briefly, in transformers, on the ENGLISH
    questions only: it answers in English and guesses in the other languages;
 3. ``DIR/mcore/``: the base converted to Megatron-core (``megatron-mole convert``);
-4. training on 2 processes (``torch.distributed.run``, data parallel): Megatron's LLaVAModel
+4. ``DIR/config.yaml`` and ``megatron-mole train`` on 2 processes (``torch.distributed.run``,
+   data parallel; the same loop as a GPT base, training/llava_family.py): Megatron's LLaVAModel
    with MoLE on the LM (4 LoRA experts per MLP, top-1) and Parrot between the projector
    and the LM (4 SwiGLU experts); Parrot's stage 1 (projector only) then stage 2 (Parrot,
-   projector and the LM's adapters), on all four languages;
-5. ``DIR/hf_adapter/``: everything trained, exported; transformers answers the held-out
-   questions with the base and with the adapter, and the per-language accuracy of both
-   is printed.
+   projector and the LM's adapters), on all four languages; ``DIR/checkpoints/``;
+5. ``DIR/hf_adapter/``: ``megatron-mole export`` of the last checkpoint (adapters, projector,
+   Parrot); transformers answers the held-out questions with the base and with the adapter,
+   and the per-language accuracy of both is printed.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def write_data(data_dir: Path, per_combo: int, seed: int, name: str) -> list:
     return records
 
 
-def build_base(work_dir: Path, seed: int, pretrain_steps: int) -> Path:
+def build_base(work_dir: Path, seed: int, pretrain_steps: int, per_combo: int = 8) -> Path:
     import torch
     from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, \
         LlavaForConditionalGeneration
@@ -92,7 +93,7 @@ def build_base(work_dir: Path, seed: int, pretrain_steps: int) -> Path:
     from megatron_mole.training.tokenizer import ROLE_TOKENS, train_tokenizer
 
     data = work_dir / "data"
-    train = write_data(data, 8, seed, "train")
+    train = write_data(data, per_combo, seed, "train")
     write_data(data, 2, seed, "eval")
     hf_dir = work_dir / "hf_base"
     texts = [m["content"] for r in train for m in r["messages"]] * 2
@@ -125,8 +126,9 @@ def build_base(work_dir: Path, seed: int, pretrain_steps: int) -> Path:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    print(f"quickstart: pretrained the LLaVA base {pretrain_steps} steps on English questions "
-          f"(last loss {loss.item():.3f})", flush=True)
+    if pretrain_steps:
+        print(f"quickstart: pretrained the LLaVA base {pretrain_steps} steps on English questions "
+              f"(last loss {loss.item():.3f})", flush=True)
     model.save_pretrained(hf_dir)
     return hf_dir
 
@@ -201,71 +203,33 @@ def evaluate(hf_dir: Path, data_dir: Path, adapter: Path = None, show: int = 1) 
     return {lang: right[lang] / total[lang] for lang in sorted(total)}
 
 
-def worker(work_dir: str, stage1_steps: int, stage2_steps: int, seed: int) -> None:
-    """One of the 2 training processes (under torch.distributed.run)."""
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from transformers import AutoTokenizer, CLIPImageProcessor
-
-    import megatron_mole as mm
-    from megatron_mole.checkpoint.llava_adapter import export_llava_adapter
-    from megatron_mole.checkpoint.llava_run import llava_forward_step
-    from megatron_mole.checkpoint.mcore import load_model, read_spec
-    from megatron_mole.layers.parrot import apply_parrot, set_parrot_stage
-    from megatron_mole.model import set_projector_trainable, update_global_balance
-    from megatron_mole.routing import set_aux_loss_scale
-    from megatron_mole.training.mm_data import MultimodalDataset, collate
-
-    work = Path(work_dir)
-    info = mm.init_distributed(device="cpu", seed=seed)
-    spec = read_spec(str(work / "mcore"))
-    tokenizer = AutoTokenizer.from_pretrained(work / "hf_base")
-    processor = CLIPImageProcessor.from_pretrained(work / "hf_base")
-    image_id = spec["llava"]["image_token_index"]
-    dataset = MultimodalDataset.from_jsonl(work / "data" / "train.jsonl", tokenizer, processor, 24, image_id)
-    model = load_model(str(work / "mcore"), params_dtype=torch.float32)
-    mm.apply_mole(model, mm.MoLEConfig(num_experts=4, rank=8, alpha=16, top_k=1, expert_scope="mlp",
-                                       targets=["linear_fc1", "linear_fc2", "linear_qkv"], seed=seed))
-    set_projector_trainable(model)
-    # alpha 1: the identity path keeps what stage 1 taught the LM about the visual tokens
-    apply_parrot(model, num_experts=4, ffn_hidden_size=64, alpha=1.0, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    micro, per_rank = 4, 8
-    start = time.perf_counter()
-    for stage, steps, lr in ((1, stage1_steps, 3e-3), (2, stage2_steps, 3e-3)):
-        set_parrot_stage(model, stage)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=lr)
-        for step in range(steps):
-            rows = torch.randint(0, len(dataset), (dp * per_rank,), generator=generator).tolist()
-            mine = rows[rank * per_rank:(rank + 1) * per_rank]
-            batches = [collate([dataset.items[i] for i in mine[j:j + micro]], 24, dataset.pad_token_id, image_id)
-                       for j in range(0, per_rank, micro)]
-            set_aux_loss_scale(1.0 / len(batches))
-            optimizer.zero_grad()
-            out = get_forward_backward_func()(
-                forward_step_func=llava_forward_step, data_iterator=iter(batches), model=[model],
-                num_microbatches=len(batches), seq_length=24 - 1 + spec["llava"]["image_seq_length"],
-                micro_batch_size=micro, forward_only=False)
-            for p in params:  # data parallel: average the gradients
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
-                    p.grad /= dp
-            optimizer.step()
-            update_global_balance(model)
-            if info.rank == 0 and (step % 20 == 0 or step == steps - 1):
-                loss = sum(o["loss"].item() for o in out) / len(out)
-                print(f"quickstart: stage {stage} step {step + 1}/{steps} loss {loss:.3f} "
-                      f"({time.perf_counter() - start:.0f}s)", flush=True)
-    export_llava_adapter(model, spec, str(work / "hf_adapter"), overwrite=True)
+def train_config(work_dir: Path, stage1_steps: int, stage2_steps: int, seed: int) -> dict:
+    """The quickstart's ``megatron-mole train`` config (``DIR/config.yaml``), paths absolute: data
+    parallel on 2 processes, MoLE on the LM (4 LoRA experts per MLP, top-1, fc1/fc2/qkv), Parrot
+    (4 SwiGLU experts) with its stage 1 then stage 2, constant LR, no clipping."""
+    work = work_dir.resolve()
+    return {
+        "base": {"checkpoint": str(work / "mcore"), "tokenizer": str(work / "hf_base")},
+        "parallel": {"tp": 1, "pp": 1, "micro_batch": 4, "global_batch": 16},
+        "mole": {"num_experts": 4, "rank": 8, "alpha": 16, "top_k": 1, "expert_scope": "mlp",
+                 "targets": ["linear_fc1", "linear_fc2", "linear_qkv"], "seed": seed},
+        "optimizer": {"lr": 3.0e-3, "clip_grad": 0.0, "distributed": True},
+        "schedule": {"max_steps": stage1_steps + stage2_steps, "warmup_steps": 0, "decay_style": "constant"},
+        "data": {"paths": [str(work / "data" / "train.jsonl")], "seq_length": 24},
+        "logging": {"log_jsonl": str(work / "train.jsonl"), "interval": 20, "progress": False},
+        "checkpoint": {"save_dir": str(work / "checkpoints"), "keep_last": 1},
+        # alpha 1: the identity path keeps what stage 1 taught the LM about the visual tokens
+        "multimodal": {"parrot": {"num_experts": 4, "ffn_hidden_size": 64, "alpha": 1.0,
+                                  "stage1_steps": stage1_steps}},
+        "seed": seed,
+    }
 
 
 def run(args) -> int:
     import shutil
+
     import torch
+    import yaml
 
     from megatron_mole.training.quickstart import _rank_env, _run, convert
 
@@ -273,7 +237,7 @@ def run(args) -> int:
     start = time.perf_counter()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    for stale in ("hf_adapter", "data"):
+    for stale in ("hf_adapter", "data", "checkpoints"):
         if (work / stale).exists():
             shutil.rmtree(work / stale)
     hf_dir = build_base(work, args.seed, pretrain_steps=150)
@@ -281,9 +245,14 @@ def run(args) -> int:
     print("quickstart: the base answers (transformers):", flush=True)
     before = evaluate(hf_dir, work / "data")
     stage2 = max(1, args.max_steps)
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}", "-m",
-          "megatron_mole.training.llava_quickstart", str(work), str(max(1, stage2 // 4)), str(stage2),
-          str(args.seed)], f"train MoLE + Parrot on {NPROC} processes", env=_rank_env())
+    config_path = work / "config.yaml"
+    config_path.write_text(yaml.safe_dump(train_config(work, max(1, stage2 // 4), stage2, args.seed), sort_keys=False))
+    seconds = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}",
+                    "-m", "megatron_mole", "train", "--config", str(config_path)],
+                   f"train MoLE + Parrot on {NPROC} processes", env=_rank_env())
+    print(f"quickstart: training took {seconds:.1f}s", flush=True)
+    _run([sys.executable, "-m", "megatron_mole", "export", "--checkpoint", str(work / "checkpoints"),
+          "--out", str(work / "hf_adapter")], "export", env=_rank_env())
     print("quickstart: the base with the exported adapter, projector and Parrot answers (transformers):", flush=True)
     after = evaluate(hf_dir, work / "data", work / "hf_adapter")
     print("quickstart: per-language accuracy on held-out images (base -> base + MoLE + Parrot):", flush=True)
@@ -292,9 +261,3 @@ def run(args) -> int:
     print(f"quickstart: done in {time.perf_counter() - start:.1f}s", flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

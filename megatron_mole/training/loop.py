@@ -12,6 +12,10 @@ unbatched p2p ops, PP2 x VPP2 reproduce PP4's and PP2's losses on 4 CPU ranks).
 
 Notable:
 
+- **Model families** (family.py): what differs between bases (dataset and loader, the forward step,
+  the schedule's sequence length, config checks against the base, extra checkpoint state, a
+  trainable set that changes mid-run) comes from ``family_for(cfg)``: GPT/hybrid bases, or a LLaVA
+  base (llava_family.py: image JSONL, MoLE on the LM, the projector, Parrot's two stages).
 - **Loss normalisation.** A step's loss is the mean over every supervised (response)
   token of the global batch, whatever the data-parallel size or micro-batch split.
   Every rank builds the whole global batch (sampler.py), so each knows the token
@@ -63,12 +67,11 @@ from pathlib import Path
 import torch
 
 from megatron_mole.checkpoint import ckpt_io, optim_state
-from megatron_mole.training.data import InstructionDataset, domain_loss_sums, packed_attention_mask, \
-    split_microbatches
+from megatron_mole.training.data import domain_loss_sums, split_microbatches
+from megatron_mole.training.family import family_for
 from megatron_mole.model import format_trainable_summary, update_global_balance
 from megatron_mole.training.logging import RouterLoadMonitor, StepLogger, gather_router_stats, recent_records, \
     weighted_aux_loss
-from megatron_mole.training.sampler import GlobalBatchLoader
 from megatron_mole.training.train_config import ConfigError, TrainConfig, config_to_dict
 
 
@@ -82,26 +85,6 @@ class TrainResult:
     resharded: bool = False  # resumed at another layout (optimizer state resharded, RNG not restored)
     last_checkpoint: str | None = None
     adapter_params: int = 0  # trainable elements on this rank
-
-
-def tokenizer_dir(cfg: TrainConfig) -> str:
-    """``base.tokenizer``, else the converted checkpoint's copy of the HF files, else the checkpoint dir."""
-    if cfg.base.tokenizer:
-        return cfg.base.tokenizer
-    copied = Path(cfg.base.checkpoint) / "hf"
-    return str(copied) if (copied / "tokenizer_config.json").is_file() else cfg.base.checkpoint
-
-
-def build_dataset(cfg: TrainConfig) -> InstructionDataset:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg))
-    if cfg.data.prefix:  # preprocessed: memory-mapped, checked against this tokenizer
-        from megatron_mole.training.indexed import IndexedInstructionDataset
-
-        return IndexedInstructionDataset(cfg.data.prefix, tokenizer_dir(cfg), cfg.data.seq_length,
-                                         strict=cfg.data.strict, tokenizer=tokenizer)
-    return InstructionDataset.from_jsonl(cfg.data.paths, tokenizer, cfg.data.seq_length, strict=cfg.data.strict)
 
 
 def _start_runtime(cfg: TrainConfig):
@@ -151,16 +134,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         import megatron_mole as mm
         from megatron_mole.checkpoint.mcore import load_model_chunks
 
         self.cfg = cfg
-        self.dataset = build_dataset(cfg)  # first: bad data is reported before Megatron starts
+        self.family = family_for(cfg)  # GPT or LLaVA (family.py); its config checks against the base
+        self.dataset = self.family.build_dataset(cfg)  # first: bad data is reported before Megatron starts
         self.info = _start_runtime(cfg)
         self.rank, self.device = self.info.rank, self.info.device
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -169,9 +149,7 @@ class Trainer:
         self.logger = None
         self.dtype = _precision(cfg, self.device)
 
-        self.loader = GlobalBatchLoader(self.dataset, cfg.parallel.global_batch, weights=cfg.data.domain_weights,
-                                        seed=cfg.data_seed, packing=cfg.data.packing, dp_rank=self.dp_rank,
-                                        dp_size=self.dp)
+        self.loader = self.family.make_loader(self.dataset, cfg, self.dp_rank, self.dp)
 
         self.memory_line = self._check_memory()  # before the base is loaded: stop early, with a reason
         # One chunk per virtual pipeline stage (one without VPP); every list below follows them.
@@ -192,15 +170,38 @@ class Trainer:
         else:
             for chunk in chunks:
                 mm.apply_mole(chunk, self.mole_config, options=cfg.factorllm if self.factorllm else None)
+        self.family.prepare(self, chunks)
         # The adapters enter the model before the optimizer copies them (its fp32 main params under
         # bf16): loaded later, the optimizer's first step would write its stale copies back.
         self.checkpoint = self._read_checkpoint()
-        if self.checkpoint is not None and self.factorllm:  # after apply_mole built the teachers from the base
-            optim_state.load_params(self._trained_params(chunks, adapters=True), self.checkpoint.collective_dir)
-        elif self.checkpoint is not None:
-            mm.load_adapter_state_dict(chunks, self.checkpoint.shared["adapters"])
+        if self.checkpoint is not None:
+            if self.factorllm:  # after apply_mole built the teachers from the base
+                optim_state.load_params(self._trained_params(chunks, adapters=True), self.checkpoint.collective_dir)
+            else:
+                mm.load_adapter_state_dict(chunks, self.checkpoint.shared["adapters"])
+            self.family.load_state(self, chunks, self.checkpoint.shared)
+        self.family.set_trainable(chunks, int(self.checkpoint.shared["step"]) if self.checkpoint else 0)
         self.monitor = RouterLoadMonitor(chunks)
         self.sequence_parallel = bool(chunks[0].config.sequence_parallel)
+        self.model = self.optimizer = self.scheduler = None
+        self.build_optimizer(chunks)
+        self.step = 0
+        self.resharded = False
+        self.base_ref = {"checkpoint": os.path.abspath(cfg.base.checkpoint),
+                         "spec_sha256": _file_sha256(Path(cfg.base.checkpoint) / "mcore_config.json")}
+
+    def build_optimizer(self, chunks):
+        """Megatron's DDP, optimizer and scheduler over the trainable params of ``chunks``. Called
+        again when the family changes the trainable set (Parrot's stage 2): a fresh optimizer, the
+        scheduler continuing from its count; the previous DDP's grad hooks are disarmed."""
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        cfg = self.cfg
+        for ddp in self.model or ():  # its hooks stay on the params' grad accumulators: make them no-ops
+            ddp.param_to_bucket_group.clear()
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=cfg.optimizer.distributed)
         # Megatron-LM's convention: only the first chunk's buffers are bucketed.
@@ -218,17 +219,17 @@ class Trainer:
             ddp.config.finalize_model_grads_func = finalize_model_grads
             ddp.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
             ddp.config.grad_scale_func = self.optimizer.scale_loss
-        s = cfg.schedule
+        s, previous = cfg.schedule, self.scheduler
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=s.min_lr, lr_warmup_steps=s.warmup_steps,
             lr_decay_steps=s.max_steps + 1, lr_decay_style=s.decay_style, start_wd=o.weight_decay,
             end_wd=o.weight_decay, wd_incr_steps=s.max_steps + 1, wd_incr_style="constant",
             use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
-        self.scheduler.step(increment=1)  # the LR of step 1 (see the module docstring)
-        self.step = 0
-        self.resharded = False
-        self.base_ref = {"checkpoint": os.path.abspath(cfg.base.checkpoint),
-                         "spec_sha256": _file_sha256(Path(cfg.base.checkpoint) / "mcore_config.json")}
+        if previous is None:
+            self.scheduler.step(increment=1)  # the LR of step 1 (see the module docstring)
+        else:
+            self.scheduler.num_steps = previous.num_steps
+            self.scheduler.step(increment=0)
 
     def _check_memory(self):
         """This rank's memory estimate (training/memory.py) as one line; raises ConfigError naming the
@@ -286,7 +287,7 @@ class Trainer:
             return
         shared = checkpoint.shared
         if shared["base"].get("spec_sha256") != self.base_ref["spec_sha256"]:
-            self._info(f"warning: {checkpoint.path} was trained on base {shared['base'].get('checkpoint')}, "
+            self.announce(f"warning: {checkpoint.path} was trained on base {shared['base'].get('checkpoint')}, "
                        f"whose spec differs from {self.base_ref['checkpoint']}")
         optim_state.load_optimizer_state(self.optimizer, self.model, checkpoint.collective_dir,
                                          shared["optimizer"]["adam_step"], self._trained_params())
@@ -300,11 +301,11 @@ class Trainer:
         if shared["layout"] == self.layout and checkpoint.world_size == self.info.world_size:
             rank_state = ckpt_io.load_checkpoint(checkpoint.path.parent, checkpoint.step, rank=self.rank).rank_state
             ckpt_io.restore_rng_state(rank_state["rng"])
-            self._info(f"resumed from {checkpoint.path} at step {self.step} (same layout: optimizer, "
+            self.announce(f"resumed from {checkpoint.path} at step {self.step} (same layout: optimizer, "
                        f"scheduler, data position and RNG restored)")
         else:
             self.resharded = True
-            self._info(f"resumed from {checkpoint.path} at step {self.step}: it was saved at layout "
+            self.announce(f"resumed from {checkpoint.path} at step {self.step}: it was saved at layout "
                        f"{shared['layout']}, this run has {self.layout}; adapters and optimizer state "
                        f"resharded, scheduler and data position restored, RNG not restored")
 
@@ -321,6 +322,9 @@ class Trainer:
             sampler_state=self.loader.state_dict(), base=self.base_ref, layout=self.layout,
             config=config_to_dict(self.cfg))
         shared["mole_config"] = self.mole_config.to_dict()
+        extra = self.family.state(self)  # a LLaVA base: projector, Parrot
+        if extra is not None:
+            shared["multimodal"] = extra
         if self.tune_routers:  # the tuned router weights; no optimizer state (not resumable)
             from megatron_mole.model import base_router_state_dict
 
@@ -356,19 +360,8 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ one step
-    def _forward_step(self, scale, data_iterator, model_chunk):
-        micro = {k: v.to(self.device, non_blocking=True) for k, v in next(data_iterator).items()}
-        attention_mask = packed_attention_mask(micro["segment_ids"]) if self.cfg.data.packing else None
-        kwargs = {}
-        if not self.sequence_parallel:
-            kwargs["padding_mask"] = micro["segment_ids"] == 0
-        elif self.factorllm:  # its loss hook slices the mask to its sequence shard (layers/factorllm.py)
-            getattr(model_chunk, "module", model_chunk).mole_padding_mask = micro["segment_ids"] == 0
-        output_BS = model_chunk(micro["tokens"], micro["position_ids"], attention_mask,
-                                labels=micro["labels"].clamp(min=0), **kwargs)
-        return output_BS, partial(self._loss, micro, scale)
-
-    def _loss(self, micro, scale, output_BS):
+    def loss(self, micro, scale, output_BS):
+        """The loss function of a micro-batch (families' forward steps return it, bound to ``micro``)."""
         losses_BS = output_BS.float()
         mask_BS = micro["loss_mask"]
         loss_sum = (losses_BS * mask_BS).sum()
@@ -399,6 +392,7 @@ class Trainer:
 
         from megatron_mole.routing import set_aux_loss_scale
 
+        self.family.before_step(self)  # may rebuild the optimizer (Parrot's stage 2)
         cfg, start = self.cfg, time.perf_counter()
         global_batch = self.loader.next_global_batch()
         supervised = float(global_batch["loss_mask"].sum())
@@ -414,8 +408,9 @@ class Trainer:
         # the interleaved schedule takes one iterator per chunk; each chunk sees every micro-batch
         iterators = iter(micro) if len(self.model) == 1 else [iter(micro) for _ in self.model]
         reduced = get_forward_backward_func()(
-            forward_step_func=partial(self._forward_step, scale), data_iterator=iterators, model=self.model,
-            num_microbatches=len(micro), seq_length=cfg.data.seq_length, micro_batch_size=cfg.parallel.micro_batch,
+            forward_step_func=partial(self.family.forward_step, self, scale), data_iterator=iterators,
+            model=self.model, num_microbatches=len(micro), seq_length=self.family.seq_length(self),
+            micro_batch_size=cfg.parallel.micro_batch,
             forward_only=False)
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
@@ -429,7 +424,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         num_domains = len(self.dataset.domains)
         domain_tokens = sums[2 + num_domains:]
-        tokens = int((global_batch["segment_ids"] > 0).sum())
+        tokens = self.family.tokens(global_batch)
         return {
             "step": self.step,
             "loss": float(sums[0] / sums[1]),
@@ -447,7 +442,7 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ the job
-    def _info(self, message: str):
+    def announce(self, message: str):
         if self.logger is not None:
             self.logger.info(message)
         elif self.rank == 0:
@@ -456,14 +451,16 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, ck = self.cfg, self.cfg.checkpoint
         result = TrainResult(data_report=self.dataset.report)
-        self._info(self.dataset.report.summary())
+        self.announce(self.dataset.report.summary())
         result.adapter_params = sum(p.numel() for ddp in self.model for p in ddp.parameters() if p.requires_grad)
-        self._info(self.memory_line + " (rank 0; training/memory.py)")
-        self._info(f"train: world={self.info.world_size} tp={self.info.tp} pp={self.info.pp} ep={self.info.ep} "
+        self.announce(self.memory_line + " (rank 0; training/memory.py)")
+        self.announce(f"train: world={self.info.world_size} tp={self.info.tp} pp={self.info.pp} ep={self.info.ep} "
                    f"dp={self.dp} device={self.device.type} dtype={str(self.dtype).replace('torch.', '')} "
                    f"adapter params={result.adapter_params} (rank 0)")
-        self._info(format_trainable_summary(self.model, self.mole_config.method)
-                   + " (full tensors, rank 0's pipeline stages)")
+        self.announce(format_trainable_summary(self.model, self.mole_config.method)
+                  + " (full tensors, rank 0's pipeline stages)")
+        if self.family.summary(self):
+            self.announce(self.family.summary(self))
         self.resume()
         latest = ckpt_io.latest_step(ck.save_dir) if ck.save_dir else None
         if latest is not None and latest > self.step:
@@ -482,7 +479,7 @@ class Trainer:
                 due = ck.interval > 0 and self.step % ck.interval == 0
                 if ck.save_dir and (due or self.step == cfg.schedule.max_steps):
                     result.last_checkpoint = str(self.save())
-                    self._info(f"saved {result.last_checkpoint}")
+                    self.announce(f"saved {result.last_checkpoint}")
         finally:
             self.logger.close()
         result.final_step = self.step

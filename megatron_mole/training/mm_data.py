@@ -35,8 +35,9 @@ import torch
 
 from megatron_mole.training.data import (IGNORE_INDEX, BadLine, DataError, DataReport, _BadRecord, parse_record,
                                          read_jsonl, template_refusal, tokenize_messages)
+from megatron_mole.training.sampler import GlobalBatchLoader
 
-__all__ = ["ImageExample", "read_image_jsonl", "MultimodalDataset", "collate"]
+__all__ = ["ImageExample", "read_image_jsonl", "MultimodalDataset", "MultimodalBatchLoader", "collate"]
 
 PLACEHOLDER = "<image>"
 
@@ -136,6 +137,12 @@ class MultimodalDataset:
             self.report.domain_counts[example.domain] += 1
         if not self.items:
             raise DataError(f"no usable example:\n{self.report.summary()}")
+        # grouped by domain (sorted) as InstructionDataset, for the domain-mixing sampler
+        self.domains = sorted({item["domain"] for item in self.items})
+        self.examples = [[item for item in self.items if item["domain"] == d] for d in self.domains]
+
+    def domain_sizes(self) -> dict:
+        return {d: len(e) for d, e in zip(self.domains, self.examples)}
 
     @classmethod
     def from_jsonl(cls, paths, tokenizer, image_processor, seq_length: int, image_token_id: int,
@@ -165,3 +172,23 @@ def collate(items: Sequence[dict], seq_length: int, pad_token_id: int, image_tok
     prompt = torch.from_numpy(valid[:, :-1] & (supervised[:, :-1] == 0)) & (inputs != image_token_id)
     return dict(images=torch.stack([item["pixel_values"] for item in items]), input_ids=inputs, labels=labels,
                 loss_mask=loss_mask, prompt_mask=prompt)
+
+
+class MultimodalBatchLoader(GlobalBatchLoader):
+    """``GlobalBatchLoader`` over a :class:`MultimodalDataset`: the same resumable domain-mixing
+    stream, one example per row (no packing), rows from :func:`collate` plus ``domain_ids`` [B]
+    and ``lengths`` [B] (text tokens of the row, padding excluded)."""
+
+    def __init__(self, dataset: "MultimodalDataset", global_batch_size: int, **kwargs):
+        if kwargs.get("packing"):
+            raise DataError("image rows are not packed (one image per row): set data.packing: false")
+        super().__init__(dataset, global_batch_size, **kwargs)
+
+    def next_global_batch(self) -> dict:
+        picks = [self.sampler.advance() for _ in range(self.global_batch_size)]
+        items = [self.dataset.examples[d][i] for d, i in picks]
+        data = self.dataset
+        batch = collate(items, data.seq_length, data.pad_token_id, data.image_token_id)
+        batch["domain_ids"] = torch.tensor([d for d, _ in picks], dtype=torch.int64)
+        batch["lengths"] = torch.tensor([min(len(item["ids_L"]) - 1, data.seq_length) for item in items])
+        return batch

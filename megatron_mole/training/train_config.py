@@ -20,6 +20,16 @@ Example (every section but ``base`` and ``data`` is optional; defaults below)::
     precision: auto                                         # auto: fp32 on CPU, bf16 on GPU
     trainable: adapters                                     # or routers: only an MoE base's routers
     trainable_experts: null                                 # CEFT: analyze's selection.json
+    multimodal:                                             # LLaVA bases only (detected from base.checkpoint)
+      projector_trainable: null                             # null: true with Parrot, false without
+      image_processor: null                                 # default: the tokenizer directory
+      parrot: {num_experts: 6, alpha: 0.1, ffn_hidden_size: null, lora_rank: null, lora_alpha: null,
+               stage1_steps: 0, seed: null}                 # null section: no Parrot
+
+A LLaVA base (``convert`` of a ``LlavaForConditionalGeneration``) is recognised from its converted
+checkpoint; ``data.paths`` then holds image instruction JSONL (training/mm_data.py) and the job
+trains through training/llava_family.py. The ``multimodal`` section on a GPT base, or image records
+in its data, is a ``ConfigError`` naming the field.
 
 Every key is checked: an unknown key anywhere (except inside the free-form
 ``data.domain_weights`` mapping) or a value of the wrong type is a ``ConfigError``
@@ -230,6 +240,47 @@ class CheckpointConfig:
                  f"load_step={self.load_step} needs checkpoint.load_dir")
 
 
+@dataclass
+class ParrotConfig:
+    """Parrot's text-guided MoE between the projector and the LM (layers/parrot.py, DESIGN §6).
+    Steps 1..stage1_steps are its stage 1 (the projector alone trains, the MoE bypassed); the rest
+    stage 2 (MoE + projector + the LM's MoLE adapters), with a fresh optimizer, as Parrot's
+    second run starts one. The LR schedule spans both stages."""
+    num_experts: int = 6
+    alpha: float = 0.1  # weight of the identity path: H_v' = sum_i w_i E_i(H_v) + alpha H_v
+    ffn_hidden_size: int | None = None  # each expert's hidden size; None: the LM's ffn_hidden_size
+    lora_rank: int | None = None  # LoRA experts (a shared SwiGLU + rank-r updates) instead of full ones
+    lora_alpha: float | None = None
+    stage1_steps: int = 0
+    seed: int | None = None  # the MoE's initial tensors; None: the top-level seed
+
+    def __post_init__(self):
+        _require(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
+        _require(self.alpha >= 0, "alpha", f"must be >= 0, got {self.alpha}")
+        _require(self.ffn_hidden_size is None or self.ffn_hidden_size >= 1, "ffn_hidden_size",
+                 f"must be >= 1 or null, got {self.ffn_hidden_size}")
+        _require(self.lora_rank is None or self.lora_rank >= 1, "lora_rank", f"must be >= 1 or null, got {self.lora_rank}")
+        _require(self.lora_alpha is None or self.lora_rank is not None, "lora_alpha", "needs lora_rank")
+        _require(self.stage1_steps >= 0, "stage1_steps", f"must be >= 0, got {self.stage1_steps}")
+
+
+@dataclass
+class MultimodalConfig:
+    """What trains on a LLaVA base besides the LM's MoLE adapters (the vision tower stays frozen)."""
+    projector_trainable: bool | None = None  # None: True with Parrot (it trains the projector), else False
+    image_processor: str | None = None  # HF image processor directory; None: the tokenizer directory
+    parrot: ParrotConfig | None = None
+
+    def __post_init__(self):
+        if self.parrot is not None and self.parrot.stage1_steps > 0:
+            _require(self.projector_trainable is not False, "projector_trainable",
+                     "Parrot's stage 1 trains the projector alone; with it frozen set parrot.stage1_steps: 0")
+
+    @property
+    def train_projector(self) -> bool:
+        return self.parrot is not None if self.projector_trainable is None else self.projector_trainable
+
+
 PRECISIONS = ("auto", "fp32", "bf16")
 TRAINABLE = ("adapters", "routers")
 
@@ -254,6 +305,8 @@ class TrainConfig:
     # CEFT: a selection file (megatron-mole analyze --select N): LoRA (mole.rank/alpha) on the
     # selected experts' fc1/fc2 only; replaces mole.targets and mole.method
     trainable_experts: str | None = None
+    # LLaVA bases: the projector and Parrot (None: the LM's adapters only); refused on a GPT base
+    multimodal: MultimodalConfig | None = None
 
     def __post_init__(self):
         _require(self.trainable in TRAINABLE, "trainable",
@@ -269,6 +322,9 @@ class TrainConfig:
                  f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _require(self.schedule.min_lr <= self.optimizer.lr, "schedule.min_lr",
                  f"min_lr={self.schedule.min_lr} exceeds optimizer.lr={self.optimizer.lr}")
+        parrot = self.multimodal.parrot if self.multimodal else None
+        _require(parrot is None or parrot.stage1_steps <= self.schedule.max_steps, "multimodal.parrot.stage1_steps",
+                 f"stage1_steps={parrot and parrot.stage1_steps} exceeds schedule.max_steps={self.schedule.max_steps}")
 
     def effective_mole(self) -> dict:
         """The MoLEConfig arguments: ``mole``, with CEFT's method and targets under ``trainable_experts``."""
