@@ -185,7 +185,9 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig, options=None) -> nn.Module:
         raise ValueError("apply_mole: the model already has adapters")
     method = METHODS[cfg.method]
     if method.apply_model is not None:  # a whole-model method (factorllm): its own options
-        return method.apply_model(model, cfg, options)
+        model = method.apply_model(model, cfg, options)
+        _mark_embedding_output(model)
+        return model
     check_model(model)  # a HybridModel needs a pattern with a GPT equivalent
     method.check(cfg)
     if method.moe_kind is not None and not getattr(getattr(model, "config", None), "num_moe_experts", None):
@@ -281,9 +283,7 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig, options=None) -> nn.Module:
         wrapper.init_adapters(cfg.seed)
         mark_parallel_attributes(wrapper)
     install_context_hooks(model)
-    embedding = getattr(model, "embedding", None)
-    if isinstance(embedding, nn.Module):
-        embedding.register_forward_hook(_embedding_output_requires_grad)
+    _mark_embedding_output(model)
     model.mole_config = cfg
     return model
 
@@ -322,6 +322,12 @@ def _check_expert_layout(gpath: str) -> None:
     if ep > 1 or etp > 1:
         raise NotImplementedError(f"adapting {gpath!r} inside routed MoE experts needs expert-parallel and "
                                   f"expert-tensor-parallel size 1 (got ep={ep}, etp={etp})")
+
+
+def _mark_embedding_output(model) -> None:
+    embedding = getattr(model, "embedding", None)
+    if isinstance(embedding, nn.Module):
+        embedding.register_forward_hook(_embedding_output_requires_grad)
 
 
 def _embedding_output_requires_grad(module, args, output):

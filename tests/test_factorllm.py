@@ -1,4 +1,4 @@
-"""FactorLLM: factorisation, the Prior-Approximate loss, training at EP1/EP2/PP2/TP2(+SP),
+"""FactorLLM: factorisation, the Prior-Approximate loss, training at EP1/EP2/PP2/TP2(+SP) and EP2 with full recompute,
 LoRA adapters on the frozen experts, resume from training checkpoints.
 
 References are independent of the code under test: the dense model's own logits
@@ -149,7 +149,9 @@ def _job(work):
     # experts' neurons split over expert tensor parallelism: each rank sees half of every sequence
     for name, layout in {"EP1": {}, "EP2": {"parallel__ep": 2}, "PP2": {"parallel__pp": 2},
                          "TP2": {"parallel__tp": 2},
-                         "TP2SP": {"parallel__tp": 2, "parallel__sequence_parallel": True}}.items():
+                         "TP2SP": {"parallel__tp": 2, "parallel__sequence_parallel": True},
+                         # full recompute: the hook runs in the replay only (grad enabled), once
+                         "EP2full": {"parallel__ep": 2, "parallel__recompute": "full"}}.items():
         trainer = Trainer(_train_cfg(work, **layout))
         result = trainer.run()
         losses[name] = [r["loss"] for r in result.records]
@@ -304,7 +306,7 @@ def test_factorize_refuses_bad_input(launched):
 def test_training_losses_equal_at_ep1_ep2_pp2_tp2(launched):
     losses, aux = launched["losses"], launched["aux"]
     assert len(losses["EP1"]) == 3 and launched["tp2_sequence_parallel"]
-    for name in ("EP2", "PP2", "TP2", "TP2SP"):
+    for name in ("EP2", "PP2", "TP2", "TP2SP", "EP2full"):
         print("layout", name, max(abs(a - b) / abs(a) for a, b in zip(losses["EP1"], losses[name])),
               max(abs(s["pa_loss"] - aux[name][k]["pa_loss"]) / s["pa_loss"] for k, s in aux["EP1"].items()))
         for a, b in zip(losses["EP1"], losses[name]):

@@ -235,8 +235,9 @@ class _PAHook:
             best = torch.topk(-errors_TN, router.topk, -1).indices.sort(-1).values
             agree = ((best == chosen_TK.sort(-1).values).all(-1).float() * valid_T).sum()
             stats = _all_reduce(torch.stack([pa, balance, total, agree / count.clamp(min=1.0)]), *tp)
+        # recorded when the losses are attached: under full recompute that is the replay only
         AUX_LOSS_TRACKER.record(self.name, dict(zip(("pa_loss", "balance_loss", "aux_loss", "prior_agreement"),
-                                                    stats.unbind())))
+                                                    stats.unbind())), replay=True)
         y, bias = output
         return attach_aux_loss(y, total), bias
 

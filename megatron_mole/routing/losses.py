@@ -133,8 +133,10 @@ class AuxLossTracker:
         self._sums: Dict[str, Dict[str, torch.Tensor]] = defaultdict(dict)
         self._counts: Dict[str, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
-    def record(self, layer: str, stats: Dict[str, torch.Tensor]) -> None:
-        if is_recomputing():  # the first forward of this layer recorded them
+    def record(self, layer: str, stats: Dict[str, torch.Tensor], replay: bool = False) -> None:
+        """``replay=True``: the caller records in a recompute replay only (its first forward,
+        without gradient, recorded nothing), so the replay's statistics count."""
+        if is_recomputing() and not replay:  # the first forward of this layer recorded them
             return
         for key, value in stats.items():
             value = value.detach().float()
