@@ -216,3 +216,31 @@ def test_errors_against_the_model(llama_dir, tmp_path):
     # Only the inputs and the one good conversion remain: no partial or temporary output.
     assert messages["inv_freq"] is None
     assert messages["listing"] == ["extra", "good_out", "inv_freq", "inv_freq_out", "missing", "shape", "untied_head"]
+
+
+def test_plain_config_read_gives_transformers_spec(tmp_path):
+    """Conversion reads config.json without transformers when that gives the same spec: it does
+    for every test architecture as transformers saves it, and falls back (None) to AutoConfig
+    for a legacy rope_scaling, a field left to the class default, or an unmapped model."""
+    import transformers
+
+    from megatron_mole.checkpoint.convert import plain_json_config
+    from tests.test_convert import CASES
+
+    for name, (cls_name, overrides, _) in CASES.items():
+        directory = str(tmp_path / name)
+        getattr(transformers, cls_name)(**{**COMMON, **overrides}).save_pretrained(directory)
+        plain = plain_json_config(os.path.join(directory, "config.json"))
+        assert isinstance(plain, dict), name
+        reference = spec_from_hf_config(transformers.AutoConfig.from_pretrained(directory))
+        assert spec_from_hf_config(plain) == reference, name
+    with open(os.path.join(str(tmp_path / "mistral_window_headdim"), "config.json")) as f:
+        original = json.load(f)
+    path = str(tmp_path / "edited.json")
+    for drop, edit in ((None, dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
+                       ("sliding_window", {}),  # MistralConfig's default (4096) would apply
+                       ("rms_norm_eps", {}), (None, dict(model_type="olmoe"))):
+        raw = {k: v for k, v in original.items() if k != drop}
+        with open(path, "w") as f:
+            json.dump({**raw, **edit}, f)
+        assert plain_json_config(path) is None, (drop, edit)

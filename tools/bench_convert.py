@@ -1,16 +1,31 @@
-"""Time and memory of `convert` with 1, 2 and 4 processes against a plain copy of the bytes.
+"""Time and memory of `convert` with 1, 2 and 4 processes against a copy of the same bytes,
+with the page cache hot and cold, and the fixed start-up costs apart from the per-byte ones.
 
     PYTHONPATH=. python tools/bench_convert.py --work /tmp/bench_convert [--layers 8 --hidden 1024]
 
-Builds a random Llama locally (default ~540 MB in fp32, safetensors shards of 1 GB max as
-transformers writes them), times a plain copy of its weight files twice over a hot page cache:
-as ``cp`` does (written to the page cache only) and durably (each file fsync'd, as Megatron's
-torch_dist writer does with every file it writes), then
-runs ``hf-to-mcore`` and ``mcore-to-hf`` under ``torchrun --nproc-per-node N`` for each N.
-Each rank reports the seconds its conversion call took, its peak RSS (``ru_maxrss``: the
-whole process, imports included) and its RSS just before the call; the table prints the
-slowest rank, the largest peak, and the peak above that baseline. The round trip is
-checked bit for bit against the source files. Output: one markdown table (README).
+Builds a random Llama locally (default ~485 MB in fp32, safetensors shards of 1 GB max as
+transformers writes them) and a tiny one (1 layer, hidden 64). Baselines, each the best of
+two: a plain copy of the weight files (``shutil.copyfile``: written to the page cache only),
+a durable copy (each file fsync'd, as Megatron's torch_dist writer does with every file it
+writes) and a cold durable copy: the source files' pages dropped from the page cache first
+(``posix_fadvise(DONTNEED)``, no root needed), so the bytes come from the disk.
+
+Then, for each N, one ``torchrun --nproc-per-node N`` launch per direction in which every
+rank reports:
+
+* start-up: seconds from its process start to the conversion (interpreter, torch, Megatron,
+  the process group), not part of any conversion time below;
+* fixed: the conversion of the tiny model (config, model template, checkpoint writer
+  start, metadata: the costs that do not grow with the model; it also pays the lazy imports
+  a first conversion makes);
+* hot: the model again, its source in the page cache (the better of two runs, one before
+  and one after the cold run);
+* cold: once more after dropping the source files' pages (written ones were fsync'd by the
+  writer; ``mcore-to-hf`` reads the ``hot`` run's torch_dist files).
+
+Times are the slowest rank's; RSS is the largest rank's (``ru_maxrss``, imports included),
+"above start" its peak minus its RSS just before the first conversion. The round trip is
+checked bit for bit against the source. Output: one markdown table (README).
 """
 from __future__ import annotations
 
@@ -31,25 +46,54 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(direction: str, src: str, dst: str, report: str) -> None:
-    """One torchrun rank: convert, then append this rank's numbers to ``report``."""
+def _process_age() -> float:
+    """Seconds since this process started (from /proc, clock ticks since boot)."""
+    with open("/proc/self/stat") as f:
+        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def drop_cache(directory: str) -> None:
+    """Evict every file under ``directory`` from the page cache (fsync first: dirty pages stay)."""
+    for base, _, names in os.walk(directory):
+        for name in names:
+            fd = os.open(os.path.join(base, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def worker(direction: str, tiny_src: str, src: str, dst: str, report: str) -> None:
+    """One torchrun rank: tiny conversion (fixed costs), hot, cold; append its numbers to ``report``."""
     from megatron_mole.checkpoint.convert import hf_to_mcore, mcore_to_hf
     from megatron_mole.checkpoint.mcore import conversion_runtime
 
     info = conversion_runtime()
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing  # noqa: F401  (imports are start-up, not conversion:
-    import transformers  # noqa: F401                 # imported before the time and memory baselines)
+    from megatron.core import dist_checkpointing  # noqa: F401  (start-up, not conversion)
 
+    convert = hf_to_mcore if direction == "hf-to-mcore" else mcore_to_hf
     dist.barrier()
-    base = _rss()
-    start = time.perf_counter()
-    (hf_to_mcore if direction == "hf-to-mcore" else mcore_to_hf)(src, dst)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    line = json.dumps({"rank": info.rank, "seconds": seconds, "peak": peak, "base": base})
+    numbers = {"rank": info.rank, "startup": _process_age(), "base": _rss()}
+    for tag, source, target in (("fixed", tiny_src, dst + "-tiny"), ("hot", src, dst),
+                                ("cold", src, dst + "-cold"), ("hot2", src, dst + "-hot2")):
+        if tag == "cold" and info.rank == 0:
+            drop_cache(src)
+        dist.barrier()
+        start = time.perf_counter()
+        convert(source, target)
+        numbers[tag] = time.perf_counter() - start
+        dist.barrier()
+        if tag == "hot2" and info.rank == 0:
+            shutil.rmtree(target)
+    numbers["hot"] = min(numbers["hot"], numbers.pop("hot2"))
+    numbers["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with open(report, "a") as f:
-        f.write(line + "\n")
+        f.write(json.dumps(numbers) + "\n")
 
 
 def _build(directory: str, layers: int, hidden: int, ffn: int, vocab: int) -> int:
@@ -57,7 +101,8 @@ def _build(directory: str, layers: int, hidden: int, ffn: int, vocab: int) -> in
     import transformers
 
     config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128,
+                                      num_attention_heads=max(1, hidden // 64),
+                                      num_key_value_heads=max(1, hidden // 128),
                                       vocab_size=vocab, max_position_embeddings=512)
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():
@@ -67,8 +112,10 @@ def _build(directory: str, layers: int, hidden: int, ffn: int, vocab: int) -> in
     return sum(os.path.getsize(os.path.join(directory, n)) for n in os.listdir(directory) if n.endswith(".safetensors"))
 
 
-def _copy_seconds(src: str, dst: str, durable: bool = False) -> float:
+def _copy_seconds(src: str, dst: str, durable: bool = False, cold: bool = False) -> float:
     os.makedirs(dst, exist_ok=True)
+    if cold:
+        drop_cache(src)
     start = time.perf_counter()
     for name in sorted(os.listdir(src)):
         if name.endswith(".safetensors"):
@@ -76,15 +123,17 @@ def _copy_seconds(src: str, dst: str, durable: bool = False) -> float:
             if durable:
                 with open(os.path.join(dst, name), "rb+") as f:
                     os.fsync(f.fileno())
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    shutil.rmtree(dst)
+    return seconds
 
 
-def _launch(n: int, direction: str, src: str, dst: str, report: str) -> list:
+def _launch(n: int, direction: str, tiny: str, src: str, dst: str, report: str) -> list:
     if os.path.exists(report):
         os.remove(report)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = ["torchrun", "--standalone", f"--nproc-per-node={n}", os.path.abspath(__file__), "--worker", direction,
-           src, dst, report]
+           tiny, src, dst, report]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -109,33 +158,42 @@ def main() -> None:
     parser.add_argument("--procs", default="1,2,4")
     args = parser.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
-    hf = os.path.join(args.work, "hf")
+    hf, tiny = os.path.join(args.work, "hf"), os.path.join(args.work, "tiny")
     size = _build(hf, args.layers, args.hidden, args.ffn, args.vocab)
-    _copy_seconds(hf, os.path.join(args.work, "warm"))  # page cache hot for every run below
-    copy = min(_copy_seconds(hf, os.path.join(args.work, f"copy{i}")) for i in range(2))
-    durable = min(_copy_seconds(hf, os.path.join(args.work, f"dcopy{i}"), durable=True) for i in range(2))
+    _build(tiny, 1, 64, 128, 256)
+    mcore_tiny = os.path.join(args.work, "mcore-tiny")
+    subprocess.run([sys.executable, "-m", "megatron_mole", "convert", "hf-to-mcore", "--hf", tiny, "--out", mcore_tiny],
+                   check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    _copy_seconds(hf, os.path.join(args.work, "warm"))  # page cache hot for the hot baselines
+    copy = min(_copy_seconds(hf, os.path.join(args.work, "copy")) for _ in range(2))
+    durable = min(_copy_seconds(hf, os.path.join(args.work, "dcopy"), durable=True) for _ in range(2))
+    cold = min(_copy_seconds(hf, os.path.join(args.work, "ccopy"), durable=True, cold=True) for _ in range(2))
     mb = size / 2**20
     print(f"model: {args.layers} layers, hidden {args.hidden}, {mb:.0f} MB fp32; plain copy {copy:.2f} s "
-          f"({mb / copy:.0f} MB/s), fsync'd copy {durable:.2f} s ({mb / durable:.0f} MB/s)\n")
-    print("| direction | processes | time (s) | x copy | x fsync'd copy | peak RSS per rank (MB) "
-          "| peak above start (MB) | round trip |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"({mb / copy:.0f} MB/s), fsync'd copy {durable:.2f} s ({mb / durable:.0f} MB/s), "
+          f"cold fsync'd copy {cold:.2f} s ({mb / cold:.0f} MB/s)\n")
+    print("| direction | processes | start-up (s) | fixed (s) | hot (s) | × copy | × fsync'd copy "
+          "| cold (s) | × cold fsync'd copy | peak RSS per rank (MB) | peak above start (MB) | round trip |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in [int(p) for p in args.procs.split(",")]:
         mcore, back = os.path.join(args.work, f"mcore{n}"), os.path.join(args.work, f"back{n}")
-        for direction, src, dst in (("hf-to-mcore", hf, mcore), ("mcore-to-hf", mcore, back)):
-            ranks = _launch(n, direction, src, dst, os.path.join(args.work, f"report{n}.jsonl"))
-            seconds = max(r["seconds"] for r in ranks)
+        for direction, src, dst, small in (("hf-to-mcore", hf, mcore, tiny), ("mcore-to-hf", mcore, back, mcore_tiny)):
+            ranks = _launch(n, direction, small, src, dst, os.path.join(args.work, f"report{n}.jsonl"))
+            worst = {key: max(r[key] for r in ranks) for key in ("startup", "fixed", "hot", "cold")}
             peak = max(r["peak"] for r in ranks) / 2**20
             above = max(r["peak"] - r["base"] for r in ranks) / 2**20
-            exact = _same_files(hf, back) if direction == "mcore-to-hf" else ""
-            print(f"| {direction} | {n} | {seconds:.2f} | {seconds / copy:.1f} | {seconds / durable:.1f} "
-                  f"| {peak:.0f} | {above:.0f} | {exact} |")
-        shutil.rmtree(mcore)
-        shutil.rmtree(back)
+            exact = ""
+            if direction == "mcore-to-hf":
+                exact = "bit-exact" if _same_files(hf, back) and _same_files(hf, back + "-cold") else "DIFFERS"
+            print(f"| {direction} | {n} | {worst['startup']:.1f} | {worst['fixed']:.2f} | {worst['hot']:.2f} "
+                  f"| {worst['hot'] / copy:.1f} | {worst['hot'] / durable:.1f} | {worst['cold']:.2f} "
+                  f"| {worst['cold'] / cold:.1f} | {peak:.0f} | {above:.0f} | {exact} |", flush=True)
+        for path in (mcore, back, mcore + "-cold", back + "-cold", mcore + "-tiny", back + "-tiny"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(*sys.argv[2:6])
+        worker(*sys.argv[2:7])
     else:
         main()

@@ -56,7 +56,7 @@ from megatron_mole.checkpoint.mcore import (
     read_spec,
     conversion_runtime,
 )
-from megatron_mole.checkpoint.spec import check_layout, spec_from_hf_config
+from megatron_mole.checkpoint.spec import ARCHITECTURES, check_layout, config_value, spec_from_hf_config
 from megatron_mole.runtime import compat
 
 __all__ = ["hf_to_mcore", "mcore_to_hf", "atomic_output_dir", "resolve_dtype"]
@@ -119,12 +119,65 @@ def _expected_hf_shapes(instance, params, ctx) -> List[List[int]]:
     return [list(t.shape) for t in keymaps.apply_to_hf(instance, metas, ctx)]
 
 
-def _load_hf_config(hf_dir):
-    from transformers import AutoConfig
+class _ConfigReads(dict):
+    """config.json as read; records the fields looked up that it lacks (where transformers'
+    config class would supply its own default)."""
 
+    def __init__(self, raw):
+        super().__init__(raw)
+        self.missing = set()
+
+    def get(self, key, default=None):
+        if key not in self:
+            self.missing.add(key)
+        return super().get(key, default)
+
+
+# Fields whose absence gives the spec the value every mapped config class gives it: classes
+# without sliding windows have no use_sliding_window (Qwen2's defaults to False, as here),
+# and head_dim defaults to hidden_size // num_attention_heads in each class that has one.
+_SAME_DEFAULT = {"use_sliding_window", "head_dim"}
+
+
+def plain_json_config(path: str):
+    """config.json as a dict when it alone determines the Megatron spec, else None.
+
+    Importing transformers' config classes costs ~1 s (its lazy module scan), a fixed cost
+    of every conversion. A plain read gives the same spec when the architecture is one
+    ``spec_from_hf_config`` maps, the rope parameters are in transformers 5's standard form
+    (``rope_parameters``; a legacy ``rope_scaling`` is normalised by transformers) and no field the spec
+    reads is missing (no class default involved). Anything else goes through AutoConfig,
+    with its validation and errors.
+    """
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except ValueError:
+        return None  # AutoConfig reports it
+    if not isinstance(raw, dict) or raw.get("model_type") not in ARCHITECTURES or raw.get("rope_scaling") is not None:
+        return None
+    rope = raw.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope or "rope_type" not in rope:
+        return None
+    reads = _ConfigReads(raw)
+    try:
+        spec_from_hf_config(reads)
+    except Exception:  # noqa: BLE001  (refused or odd: AutoConfig's path says why)
+        return None
+    return None if reads.missing - _SAME_DEFAULT else raw
+
+
+def _load_hf_config(hf_dir):
+    """The model's config: a plain dict when that suffices (:func:`plain_json_config`), else
+    transformers' AutoConfig."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(path):
         raise CheckpointError(f"{hf_dir}: config.json is missing")
+    plain = plain_json_config(path)
+    if plain is not None:
+        return plain
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(hf_dir)
     except (KeyError, ValueError) as err:
@@ -185,7 +238,7 @@ def hf_to_mcore(
         raise FileExistsError(f"output directory {os.path.abspath(out_dir)} already exists "
                               f"(pass --overwrite to replace it)")
     hf_config = _load_hf_config(hf_dir)
-    if getattr(hf_config, "model_type", None) == "llava":
+    if config_value(hf_config, "model_type") == "llava":
         spec = llava.llava_spec_from_hf_config(hf_config, tp=tp, vocab_divisor=vocab_divisor)
     else:
         spec = spec_from_hf_config(hf_config, tp=tp, vocab_divisor=vocab_divisor)
@@ -222,7 +275,7 @@ def hf_to_mcore(
             "file_metadata": ckpt.file_metadata,
             "dtypes": hf_dtypes,
             "expert_layout": layout,
-            "architectures": list(getattr(hf_config, "architectures", None) or []),
+            "architectures": list(config_value(hf_config, "architectures") or []),
         }
         spec["format"] = FORMAT
         spec["converted_for"] = {"tp": tp, "pp": pp, "ep": ep}
@@ -231,7 +284,7 @@ def hf_to_mcore(
                 os.makedirs(os.path.join(tmp, DIST_DIR))
             _barrier(info)
             compat.prime_checkpoint_writer()
-            dist_checkpointing.save(state, os.path.join(tmp, DIST_DIR))
+            dist_checkpointing.save(state, os.path.join(tmp, DIST_DIR), sharded_strategy=_writer())
             if info.rank == 0:
                 copy_side_files(hf_dir, os.path.join(tmp, HF_DIR))
                 if unused:  # tensors the Megatron model has no place for, kept verbatim for export
@@ -243,6 +296,17 @@ def hf_to_mcore(
                     json.dump(spec, f, indent=2)
                     f.write("\n")
     return spec
+
+
+# Workers of Megatron's torch_dist writer per process (0.16: forked processes, 0.19: threads),
+# each writing and fsyncing one file. Set explicitly: the releases' defaults differ (2 vs 1).
+WRITER_WORKERS = 1
+
+
+def _writer():
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=WRITER_WORKERS)
 
 
 def _units(instances) -> List[list]:
@@ -272,18 +336,36 @@ def split_contiguous(sizes: List[int], parts: int) -> List[int]:
 
 
 def _convert_units(ckpt: HFCheckpoint, units, params_dtype, shapes) -> Dict[str, torch.Tensor]:
-    """Read this rank's Hugging Face tensors (just their byte ranges) and build its Megatron tensors."""
+    """Read this rank's Hugging Face tensors (just their byte ranges) and build its Megatron tensors.
+
+    Each byte is copied once: the HF tensors are views of the mapped files; an op that
+    makes a new tensor (q/k/v and gate/up fusion, a dtype cast, vocabulary padding) copies
+    them straight from the page cache into it. Where the op copies nothing (a plain copy,
+    an expert's slice) the tensors are read with plain reads instead. The next instance's
+    ranges are prefetched while this one is converted, and each one's mapped pages are
+    released after it.
+    """
     owned, written = {}, {}
-    for unit in units:
-        for inst in unit:
+    instances = [inst for unit in units for inst in unit]
+    for i, inst in enumerate(instances):
+        if i + 1 < len(instances):
+            ckpt.prefetch(instances[i + 1].hf)
+        hf_tensors = [ckpt.view(key).to(params_dtype) for key in inst.hf]
+        outputs = keymaps.apply_to_mcore(inst, hf_tensors, shapes)
+        if all(ckpt.is_view(t) for t in outputs):
+            # Nothing copied (a plain copy, an expert's slice): one plain read instead.
             hf_tensors = [ckpt.get(key).to(params_dtype) for key in inst.hf]
-            for name, tensor in zip(inst.mcore, keymaps.apply_to_mcore(inst, hf_tensors, shapes)):
-                if name in owned and not torch.equal(owned[name], tensor):
-                    raise CheckpointError(f"tensors {written[name]} and {list(inst.hf)} should be tied "
-                                          f"(tie_word_embeddings) but differ")
-                owned[name] = tensor.contiguous()
-                written[name] = list(inst.hf)
-            del hf_tensors
+            outputs = keymaps.apply_to_mcore(inst, hf_tensors, shapes)
+        for name, tensor in zip(inst.mcore, outputs):
+            tensor = tensor.clone(memory_format=torch.contiguous_format) if ckpt.is_view(tensor) \
+                else tensor.contiguous()
+            if name in owned and not torch.equal(owned[name], tensor):
+                raise CheckpointError(f"tensors {written[name]} and {list(inst.hf)} should be tied "
+                                      f"(tie_word_embeddings) but differ")
+            owned[name] = tensor
+            written[name] = list(inst.hf)
+        del hf_tensors
+        ckpt.release(inst.hf)
     return owned
 
 

@@ -9,14 +9,19 @@ without reading its data.
 Hugging Face tensors beyond the model being exported; under torchrun each rank writes its
 own files and rank 0 the index (:func:`write_index`).
 
-Tensors are read with plain reads of their byte ranges, not memory-mapped: a converting
-rank reads exactly the bytes of its own tensors either way, and read-in mapped pages
-would count in its RSS until it exits.
+Two ways to read a tensor: :meth:`HFCheckpoint.get` reads its byte range into a new
+buffer (one copy); :meth:`HFCheckpoint.view` maps the file and returns a tensor over the
+page cache with no copy at all, for conversions whose own op copies anyway (q/k/v and
+gate/up fusion: the fused tensor is then the only copy made). Mapped pages count in the
+process's RSS while mapped, so a converter :meth:`~HFCheckpoint.release`\ s each range once
+converted; :meth:`~HFCheckpoint.prefetch` asks the kernel to start reading the next ranges
+from disk while the current ones are converted.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import shutil
 from typing import Callable, Dict, Iterable, List, Sequence, Tuple
@@ -66,10 +71,11 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 class HFCheckpoint(contextlib.AbstractContextManager):
     """The safetensors weights of a Hugging Face model directory, read lazily.
 
-    Headers are parsed here and tensors read with plain file reads rather than through
-    ``safe_open``'s memory map: mapped pages that were read count in the process's RSS
-    until it exits, so converting a model would look (and, under memory limits, be)
-    twice its size.
+    Headers are parsed here. :meth:`get` reads a tensor with a plain file read;
+    :meth:`view` maps the file (as ``safe_open`` does, but the caller releases each range
+    after use: mapped pages that were read count in the process's RSS until unmapped or
+    released, so converting a model would otherwise look, and under memory limits be,
+    twice its size).
     """
 
     def __init__(self, directory: str):
@@ -96,6 +102,7 @@ class HFCheckpoint(contextlib.AbstractContextManager):
             )
         files = [SINGLE_NAME] if self.weight_map is None else sorted(set(self.weight_map.values()))
         self._entries = {}  # file -> {key: header entry}
+        self._maps = {}  # file -> (mmap, uint8 tensor over the whole file), made by view()
         self._data_start = {}
         self.file_metadata = {}
         for name in files:
@@ -134,6 +141,12 @@ class HFCheckpoint(contextlib.AbstractContextManager):
         self._data_start[name] = 8 + header_len
 
     def __exit__(self, *exc):
+        maps, self._maps = self._maps, {}
+        for mapped, _ in maps.values():
+            try:
+                mapped.close()
+            except BufferError:
+                pass  # a tensor still views it: unmapped when that tensor goes
         return False
 
     def keys(self) -> List[str]:
@@ -169,6 +182,53 @@ class HFCheckpoint(contextlib.AbstractContextManager):
             return torch.empty(entry["shape"], dtype=self.dtype(key))
         # safetensors stores little-endian data, as every platform torch runs on.
         return torch.frombuffer(buffer, dtype=self.dtype(key)).reshape(entry["shape"])
+
+    def _mapped(self, name):
+        if name not in self._maps:
+            with open(os.path.join(self.directory, name), "rb") as f:
+                # ACCESS_COPY: a private, writable mapping (torch wants a writable buffer);
+                # nothing writes to it, so its pages stay the page cache's.
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[name] = (mapped, torch.frombuffer(mapped, dtype=torch.uint8))
+        return self._maps[name]
+
+    def _range(self, key):
+        begin, end = self._entry(key)["data_offsets"]
+        start = self._data_start[self.weight_map[key]]
+        return start + begin, start + end
+
+    def view(self, key: str) -> torch.Tensor:
+        """The tensor over the file's mapping: no copy; see :meth:`is_view`, :meth:`release`."""
+        entry, name = self._entry(key), self.weight_map[key]
+        begin, end = self._range(key)
+        dtype = self.dtype(key)
+        if end == begin or begin % dtype.itemsize:
+            return self.get(key)  # empty, or not aligned for its dtype (files safetensors writes are)
+        _, whole = self._mapped(name)
+        return whole[begin:end].view(dtype).reshape(entry["shape"])
+
+    def is_view(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` shares memory with one of the file mappings."""
+        pointer = tensor.untyped_storage().data_ptr()
+        return any(whole.untyped_storage().data_ptr() == pointer for _, whole in self._maps.values())
+
+    def _advise(self, keys, advice):
+        page = mmap.PAGESIZE
+        for key in keys:
+            mapped, _ = self._mapped(self.weight_map[key])
+            begin, end = self._range(key)
+            start = begin - begin % page  # madvise wants a page-aligned start
+            if end > start:
+                mapped.madvise(advice, start, end - start)
+
+    def prefetch(self, keys: Iterable[str]) -> None:
+        """Ask the kernel to read these tensors' ranges ahead (asynchronously)."""
+        self._advise(keys, mmap.MADV_WILLNEED)
+
+    def release(self, keys: Iterable[str]) -> None:
+        """Drop these tensors' mapped pages from this process (the page cache keeps them);
+        a later :meth:`view` maps them in again. Views of them must be dead or unused."""
+        self._advise(keys, mmap.MADV_DONTNEED)
 
 
 def copy_side_files(src: str, dst: str) -> List[str]:

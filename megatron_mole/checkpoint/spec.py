@@ -23,7 +23,7 @@ from typing import Any, Dict
 
 from megatron_mole.errors import MoleError
 
-__all__ = ["UnsupportedModelError", "ARCHITECTURES", "spec_from_hf_config", "check_layout"]
+__all__ = ["UnsupportedModelError", "ARCHITECTURES", "config_value", "spec_from_hf_config", "check_layout"]
 
 
 class UnsupportedModelError(MoleError, ValueError):
@@ -46,8 +46,12 @@ _REFUSED = {
 }
 
 
-def _get(cfg, name, default=None):
+def config_value(cfg, name, default=None):
+    """A field of a ``PretrainedConfig`` or of its dict (config.json read as is)."""
     return getattr(cfg, name, default) if not isinstance(cfg, dict) else cfg.get(name, default)
+
+
+_get = config_value
 
 
 def _refuse(model_type, field, value, why):
@@ -59,7 +63,7 @@ def _rope(cfg, model_type) -> Dict[str, Any]:
     if params and not isinstance(params.get("rope_type", params.get("type", "default")), str):
         _refuse(model_type, "rope_parameters", params, "per-layer-type rope parameters")
     rope_type = params.get("rope_type", params.get("type", "default"))
-    theta = params.get("rope_theta", _get(cfg, "rope_theta", 10000.0))
+    theta = params["rope_theta"] if "rope_theta" in params else _get(cfg, "rope_theta", 10000.0)
     out = {"rotary_base": theta, "rope_scaling": False, "rope_scaling_factor": 8.0,
            "seq_len_interpolation_factor": None}
     if rope_type == "default":
