@@ -7,7 +7,7 @@ N = 2 run in test_convert.py's 2-process launch). Memory is each rank's peak
 resident set *during* the conversion call above its resident set just before it (sampled
 from /proc every 2 ms), so imports and the runtime do not count. The large model (8 layers,
 hidden 512, ~125 MB in fp32) is the smallest that keeps the shares well above the
-per-process noise (measured: 201 MB for one process, <= 76 MB per rank of four, 0.38x).
+per-process noise (measured: 150 MB for one process, <= 61 MB per rank of four, 0.41x).
 """
 import os
 import threading

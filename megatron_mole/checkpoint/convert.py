@@ -342,8 +342,9 @@ def _convert_units(ckpt: HFCheckpoint, units, params_dtype, shapes) -> Dict[str,
 
     Each byte is copied once: the HF tensors are views of the mapped files; an op that
     makes a new tensor (q/k/v and gate/up fusion, a dtype cast, vocabulary padding) copies
-    them straight from the page cache into it. Where the op copies nothing (a plain copy,
-    an expert's slice) the tensors are read with plain reads instead. The next instance's
+    them straight from the page cache into it; gate and up are not even concatenated
+    (:class:`_Concatenated`). Where the op copies nothing (a plain copy, an expert's slice)
+    the tensors are read with plain reads instead. The next instance's
     ranges are prefetched while this one is converted, and each one's mapped pages are
     released after it.
     """
@@ -353,15 +354,24 @@ def _convert_units(ckpt: HFCheckpoint, units, params_dtype, shapes) -> Dict[str,
         if i + 1 < len(instances):
             ckpt.prefetch(instances[i + 1].hf)
         hf_tensors = [ckpt.view(key).to(params_dtype) for key in inst.hf]
+        if inst.op == "concat" and inst.mcore[0] not in owned:
+            # gate and up stay two tensors, one copy each: see _Concatenated.
+            owned[inst.mcore[0]] = _Concatenated([_owned(ckpt, t) for t in hf_tensors])
+            written[inst.mcore[0]] = list(inst.hf)
+            del hf_tensors
+            ckpt.release(inst.hf)
+            continue
         outputs = keymaps.apply_to_mcore(inst, hf_tensors, shapes)
         if all(ckpt.is_view(t) for t in outputs):
             # Nothing copied (a plain copy, an expert's slice): one plain read instead.
             hf_tensors = [ckpt.get(key).to(params_dtype) for key in inst.hf]
             outputs = keymaps.apply_to_mcore(inst, hf_tensors, shapes)
         for name, tensor in zip(inst.mcore, outputs):
-            tensor = tensor.clone(memory_format=torch.contiguous_format) if ckpt.is_view(tensor) \
-                else tensor.contiguous()
-            if name in owned and not torch.equal(owned[name], tensor):
+            tensor = _owned(ckpt, tensor)
+            earlier = owned.get(name)
+            if isinstance(earlier, _Concatenated):
+                earlier = earlier.joined()
+            if earlier is not None and not torch.equal(earlier, tensor):
                 raise CheckpointError(f"tensors {written[name]} and {list(inst.hf)} should be tied "
                                       f"(tie_word_embeddings) but differ")
             owned[name] = tensor
@@ -369,6 +379,48 @@ def _convert_units(ckpt: HFCheckpoint, units, params_dtype, shapes) -> Dict[str,
         del hf_tensors
         ckpt.release(inst.hf)
     return owned
+
+
+def _owned(ckpt: HFCheckpoint, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone(memory_format=torch.contiguous_format) if ckpt.is_view(tensor) else tensor.contiguous()
+
+
+class _Concatenated:
+    """A Megatron tensor that is ``torch.cat(parts)`` along dim 0 (a GLU fc1: [gate; up]), kept
+    as its parts. Megatron stores a GLU fc1 through a factory that splits it into halves, and
+    its writer clones each half (a view) before writing; handing it the parts themselves as
+    the halves skips both the concatenation and those clones (36% of a Llama's bytes)."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def joined(self) -> torch.Tensor:
+        return torch.cat(self.parts, dim=0)
+
+    def as_pieces(self, factory):
+        """The factory's pieces with the parts as their data, or None unless each piece is
+        exactly one part (checked on a meta tensor: the same offset and shape)."""
+        first = self.parts[0]
+        shape = (sum(p.shape[0] for p in self.parts),) + tuple(first.shape[1:])
+        factory.data = torch.empty(shape, dtype=first.dtype, device="meta")
+        built = factory.build()
+        pieces = built if isinstance(built, list) else list(built.values())
+        starts, start = {}, 0
+        for i, part in enumerate(self.parts):
+            starts[start] = i
+            start += part.numel()
+        used = []
+        for piece in pieces:
+            data = piece.data
+            i = starts.get(data.storage_offset()) if data.is_contiguous() else None
+            if i is None or tuple(data.shape) != tuple(self.parts[i].shape) or i in used:
+                return None
+            used.append(i)
+        if len(used) != len(self.parts):
+            return None
+        for piece, i in zip(pieces, used):
+            piece.data = self.parts[i]
+        return built
 
 
 def _rank_state(sharded: Dict, owned: Dict[str, torch.Tensor], params, rank: int) -> Dict:
@@ -381,7 +433,15 @@ def _rank_state(sharded: Dict, owned: Dict[str, torch.Tensor], params, rank: int
     for name, item in sharded.items():
         if isinstance(item, (ShardedTensor, ShardedTensorFactory)):
             if name in owned:
-                item.data = owned[name]
+                value = owned[name]
+                if isinstance(value, _Concatenated):
+                    item.replica_id = 0  # before building: the pieces inherit it
+                    pieces = value.as_pieces(item) if isinstance(item, ShardedTensorFactory) else None
+                    if pieces is not None:
+                        state[name] = pieces
+                        continue
+                    value = value.joined()
+                item.data = value
             elif name in params:
                 continue  # another rank's
             else:
