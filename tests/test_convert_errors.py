@@ -224,7 +224,7 @@ def test_plain_config_read_gives_transformers_spec(tmp_path):
     for a legacy rope_scaling, a field left to the class default, or an unmapped model."""
     import transformers
 
-    from megatron_mole.checkpoint.convert import plain_json_config
+    from megatron_mole.checkpoint.spec import plain_json_config
     from tests.test_convert import CASES
 
     for name, (cls_name, overrides, _) in CASES.items():

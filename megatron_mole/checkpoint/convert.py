@@ -56,7 +56,7 @@ from megatron_mole.checkpoint.mcore import (
     read_spec,
     conversion_runtime,
 )
-from megatron_mole.checkpoint.spec import ARCHITECTURES, check_layout, config_value, spec_from_hf_config
+from megatron_mole.checkpoint.spec import check_layout, config_value, load_hf_config, spec_from_hf_config
 from megatron_mole.runtime import compat
 
 __all__ = ["hf_to_mcore", "mcore_to_hf", "atomic_output_dir", "resolve_dtype"]
@@ -119,76 +119,6 @@ def _expected_hf_shapes(instance, params, ctx) -> List[List[int]]:
     return [list(t.shape) for t in keymaps.apply_to_hf(instance, metas, ctx)]
 
 
-class _ConfigReads(dict):
-    """config.json as read; records the fields looked up that it lacks (where transformers'
-    config class would supply its own default)."""
-
-    def __init__(self, raw):
-        super().__init__(raw)
-        self.missing = set()
-
-    def get(self, key, default=None):
-        if key not in self:
-            self.missing.add(key)
-        return super().get(key, default)
-
-
-# Fields whose absence gives the spec the value every mapped config class gives it: classes
-# without sliding windows have no use_sliding_window (Qwen2's defaults to False, as here),
-# and head_dim defaults to hidden_size // num_attention_heads in each class that has one.
-_SAME_DEFAULT = {"use_sliding_window", "head_dim"}
-
-
-def plain_json_config(path: str):
-    """config.json as a dict when it alone determines the Megatron spec, else None.
-
-    Importing transformers' config classes costs ~1 s (its lazy module scan), a fixed cost
-    of every conversion. A plain read gives the same spec when the architecture is one
-    ``spec_from_hf_config`` maps, the rope parameters are in transformers 5's standard form
-    (``rope_parameters``; a legacy ``rope_scaling`` is normalised by transformers) and no field the spec
-    reads is missing (no class default involved). Anything else goes through AutoConfig,
-    with its validation and errors.
-    """
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except ValueError:
-        return None  # AutoConfig reports it
-    if not isinstance(raw, dict) or raw.get("model_type") not in ARCHITECTURES or raw.get("rope_scaling") is not None:
-        return None
-    rope = raw.get("rope_parameters")
-    if not isinstance(rope, dict) or "rope_theta" not in rope or "rope_type" not in rope:
-        return None
-    reads = _ConfigReads(raw)
-    try:
-        spec_from_hf_config(reads)
-    except Exception:  # noqa: BLE001  (refused or odd: AutoConfig's path says why)
-        return None
-    return None if reads.missing - _SAME_DEFAULT else raw
-
-
-def _load_hf_config(hf_dir):
-    """The model's config: a plain dict when that suffices (:func:`plain_json_config`), else
-    transformers' AutoConfig."""
-    path = os.path.join(hf_dir, "config.json")
-    if not os.path.exists(path):
-        raise CheckpointError(f"{hf_dir}: config.json is missing")
-    plain = plain_json_config(path)
-    if plain is not None:
-        return plain
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(hf_dir)
-    except (KeyError, ValueError) as err:
-        with open(path) as f:
-            raw = json.load(f)
-        raise CheckpointError(
-            f"{path}: unknown architecture model_type={raw.get('model_type')!r} "
-            f"(architectures={raw.get('architectures')}): {err}"
-        ) from err
-
-
 def _exact_cast(source: torch.dtype, target: torch.dtype) -> bool:
     # Widening float casts are exact (bf16 and fp16 both fit in fp32); bf16 <-> fp16 is not.
     return source == target or torch.finfo(target).bits > torch.finfo(source).bits
@@ -237,7 +167,7 @@ def hf_to_mcore(
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"output directory {os.path.abspath(out_dir)} already exists "
                               f"(pass --overwrite to replace it)")
-    hf_config = _load_hf_config(hf_dir)
+    hf_config = load_hf_config(hf_dir)
     if config_value(hf_config, "model_type") == "llava":
         spec = llava.llava_spec_from_hf_config(hf_config, tp=tp, vocab_divisor=vocab_divisor)
     else:

@@ -15,15 +15,22 @@ an :class:`UnsupportedModelError` naming the field and its value, never approxim
   Megatron's ``moe_layer_freq`` pattern (built with ``get_gpt_decoder_block_spec``).
 - OLMoE is refused: its q/k RMSNorm spans the whole projection (all heads together);
   Megatron's ``qk_layernorm`` normalises each head separately.
+
+``load_hf_config`` reads a model directory's config.json as plain JSON when that alone
+determines the spec (:func:`plain_json_config`), sparing a conversion transformers' ~1 s of
+config imports, and through transformers' AutoConfig otherwise.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Any, Dict
 
-from megatron_mole.errors import MoleError
+from megatron_mole.errors import CheckpointError, MoleError
 
-__all__ = ["UnsupportedModelError", "ARCHITECTURES", "config_value", "spec_from_hf_config", "check_layout"]
+__all__ = ["UnsupportedModelError", "ARCHITECTURES", "config_value", "spec_from_hf_config", "check_layout",
+           "load_hf_config", "plain_json_config"]
 
 
 class UnsupportedModelError(MoleError, ValueError):
@@ -240,3 +247,73 @@ def check_layout(spec, tp: int = 1, pp: int = 1, ep: int = 1) -> None:
     for axis, size, field, value in checks:
         if value % size != 0:
             raise ValueError(f"{axis}={size} does not divide {field}={value}")
+
+
+class _ConfigReads(dict):
+    """config.json as read; records the fields looked up that it lacks (where transformers'
+    config class would supply its own default)."""
+
+    def __init__(self, raw):
+        super().__init__(raw)
+        self.missing = set()
+
+    def get(self, key, default=None):
+        if key not in self:
+            self.missing.add(key)
+        return super().get(key, default)
+
+
+# Fields whose absence gives the spec the value every mapped config class gives it: classes
+# without sliding windows have no use_sliding_window (Qwen2's defaults to False, as here),
+# and head_dim defaults to hidden_size // num_attention_heads in each class that has one.
+_SAME_DEFAULT = {"use_sliding_window", "head_dim"}
+
+
+def plain_json_config(path: str):
+    """config.json as a dict when it alone determines the Megatron spec, else None.
+
+    Importing transformers' config classes costs ~1 s (its lazy module scan), a fixed cost
+    of every conversion. A plain read gives the same spec when the architecture is one
+    ``spec_from_hf_config`` maps, the rope parameters are in transformers 5's standard form
+    (``rope_parameters``; a legacy ``rope_scaling`` is normalised by transformers) and no field the spec
+    reads is missing (no class default involved). Anything else goes through AutoConfig,
+    with its validation and errors.
+    """
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except ValueError:
+        return None  # AutoConfig reports it
+    if not isinstance(raw, dict) or raw.get("model_type") not in ARCHITECTURES or raw.get("rope_scaling") is not None:
+        return None
+    rope = raw.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope or "rope_type" not in rope:
+        return None
+    reads = _ConfigReads(raw)
+    try:
+        spec_from_hf_config(reads)
+    except Exception:  # noqa: BLE001  (refused or odd: AutoConfig's path says why)
+        return None
+    return None if reads.missing - _SAME_DEFAULT else raw
+
+
+def load_hf_config(hf_dir: str):
+    """The model's config: a plain dict when that suffices (:func:`plain_json_config`), else
+    transformers' AutoConfig."""
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{hf_dir}: config.json is missing")
+    plain = plain_json_config(path)
+    if plain is not None:
+        return plain
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(hf_dir)
+    except (KeyError, ValueError) as err:
+        with open(path) as f:
+            raw = json.load(f)
+        raise CheckpointError(
+            f"{path}: unknown architecture model_type={raw.get('model_type')!r} "
+            f"(architectures={raw.get('architectures')}): {err}"
+        ) from err
