@@ -200,7 +200,7 @@ def _job(work):
 
 
 def _adapter_runs(work, tokens, pos):
-    """LoRA on the frozen experts (trainable: adapters+routers) at EP1 and EP2; the EP1 model saved
+    """LoRA on the frozen experts (trainable: adapters+routers) at EP1, EP2 and TP2 (expert TP 2, saved too); the EP1 model saved
     (adapters merged), exported to Hugging Face and run there beside the live Megatron model."""
     from megatron_mole.checkpoint.convert import mcore_to_hf
     from megatron_mole.hf import load_factorllm
@@ -209,13 +209,15 @@ def _adapter_runs(work, tokens, pos):
     from megatron_mole.errors import ConfigError
 
     out = {"refused": {}}
-    for name, bad in {"tp2": {"parallel__tp": 2}, "dropout": {"mole__dropout": 0.1}}.items():
+    for name, bad in {"dropout": {"mole__dropout": 0.1}}.items():
         try:
             Trainer(_train_cfg(work, factorllm__trainable="adapters+routers", **bad))
         except ConfigError as error:
             out["refused"][name] = str(error)
     for name, layout in {"EP1": {"checkpoint__save_dir": str(work / "save_adapters")},
-                         "EP2": {"parallel__ep": 2}}.items():
+                         "EP2": {"parallel__ep": 2},
+                         # the experts' neurons split over expert TP: fc1's LoRA B and fc2's LoRA A sharded
+                         "TP2": {"parallel__tp": 2, "checkpoint__save_dir": str(work / "save_adapters_tp2")}}.items():
         trainer = Trainer(_train_cfg(work, factorllm__trainable="adapters+routers", mole__rank=4, mole__alpha=8.0,
                                      **layout))
 
@@ -225,6 +227,13 @@ def _adapter_runs(work, tokens, pos):
         before = params()
         records = trainer.run().records
         out[name], out["aux_" + name] = [r["loss"] for r in records], records[-1]["aux"]
+        if name == "TP2":  # the merged export saved at TP2 is the model saved at TP1
+            from megatron_mole.checkpoint.mcore import load_model
+
+            saved = [dict(load_model(str(work / d / "model_step_3")).named_parameters())
+                     for d in ("save_adapters", "save_adapters_tp2")]
+            out["tp2_saved_diff"] = {n: float((p - saved[1][n]).abs().max()) for n, p in saved[0].items()
+                                     if ".experts." in n}
         if name != "EP1":
             continue
         after = params()  # after the save, which merges the adapters for a while
@@ -257,13 +266,15 @@ def _adapter_runs(work, tokens, pos):
 
 def _resumed_runs(work):
     """Runs stopped after step 2 (a training checkpoint there) and resumed to step 3: experts and
-    routers at EP1, adapters and routers at EP2 resumed at EP1 (the uninterrupted runs are above)."""
+    routers at EP1, adapters and routers at EP2 resumed at TP2 (the uninterrupted runs are above)."""
     from megatron_mole.training.loop import Trainer
 
     out = {}
     adapters = {"factorllm__trainable": "adapters+routers", "mole__rank": 4, "mole__alpha": 8.0}
     # (first run, resumed run): the adapters' run resumes at another layout (resharded)
-    for name, (extra, again) in {"experts": ({}, {}), "adapters": ({**adapters, "parallel__ep": 2}, adapters)}.items():
+    # (EP2 -> TP2: from experts split over EP to each expert's neurons split over expert TP)
+    for name, (extra, again) in {"experts": ({}, {}),
+                                 "adapters": ({**adapters, "parallel__ep": 2}, {**adapters, "parallel__tp": 2})}.items():
         save = str(work / f"resume_{name}")
         first = Trainer(_train_cfg(work, schedule__max_steps=2, checkpoint__save_dir=save, **extra)).run()
         second = Trainer(_train_cfg(work, checkpoint__load_dir=save, checkpoint__save_dir=save, **again)).run()
@@ -339,14 +350,17 @@ def test_adapters_on_frozen_experts(launched):
     assert len(changed["lora"]) == counts["lora"] and len(changed["router"]) == counts["router"] == 4
     assert counts["expert_base"] == 16 and changed["expert_base"] == [] and changed["rest"] == []
     assert ad["trainable"] == ["bias", "lora_a", "lora_b", "weight"]  # router weight and bias, the LoRA
-    for a, b in zip(ad["EP1"], ad["EP2"]):
-        assert abs(a - b) <= 1e-5 * abs(a), ad
+    for other in ("EP2", "TP2"):
+        for a, b in zip(ad["EP1"], ad[other]):
+            assert abs(a - b) <= 1e-5 * abs(a), (other, ad)
+    # TP2 saved the merged model per expert-TP shard: the same expert weights as EP1's (fc1 and fc2, 2 layers)
+    assert len(ad["tp2_saved_diff"]) == 16 and max(ad["tp2_saved_diff"].values()) <= 1e-6, ad["tp2_saved_diff"]
     refused = ad["refused"]
-    assert "expert tensor parallel size 1" in refused["tp2"] and "got 2" in refused["tp2"], refused
     assert "mole.dropout=0.1" in refused["dropout"], refused
     # the export (adapters merged into the expert weights) runs in transformers as the live model does
     assert ad["adapter_effect"] > 1e-3
-    print("adapters: logits rel diff HF vs Megatron", ad["hf_vs_megatron"], "losses", ad["EP1"], ad["EP2"])
+    print("adapters: logits rel diff HF vs Megatron", ad["hf_vs_megatron"], "losses", ad["EP1"], ad["EP2"], ad["TP2"],
+          "TP2 saved experts max diff", max(ad["tp2_saved_diff"].values()))
     assert ad["hf_vs_megatron"] < 1e-5
     # the errors the routers learn from: E_i with its adapter (the exported, merged expert) against the
     # dense FFN (the sum of the untrained experts: trained_hf trained the routers only), by hand

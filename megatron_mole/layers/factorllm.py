@@ -246,13 +246,11 @@ def _expert_adapters(moe, layer: int, cfg) -> None:
     """A LoRA (kind ``lora``, layers/linear.py: ``W x + (alpha/r) B A x``) on fc1 and/or fc2 (those
     in ``cfg.targets``) of this rank's experts, named and seeded by the global expert id (so
     every EP layout starts alike), reduced like the expert weights they adapt (``allreduce``)."""
-    from megatron_mole.layers.parallel import NoParallel
+    from megatron_mole.layers.parallel import ExpertTPPlacement, NoParallel, fc1_stride
     from megatron_mole.layers.specs import kind_of
+    from megatron_mole.model import mark_parallel_attributes
 
     etp = moe.experts.tp_group.size() if getattr(moe.experts, "tp_group", None) is not None else 1
-    if etp > 1:
-        raise ConfigError(f"factorllm.trainable='adapters+routers' needs expert tensor parallel size 1 (parallel.tp "
-                          f"= 1; got {etp}): adapters on experts split over expert TP are not implemented")
     if cfg.dropout:
         raise ConfigError(f"mole.dropout={cfg.dropout}: FactorLLM's expert adapters take no dropout (the PA "
                           f"loss's per-expert errors run the adapted experts and must not be random)")
@@ -263,12 +261,16 @@ def _expert_adapters(moe, layer: int, cfg) -> None:
     for local, expert in enumerate(moe.experts.local_experts):
         for name in names:
             base = getattr(expert, name)
-            # etp = 1: the expert's linear is whole on this rank (its "explicit expert comm" is the dispatcher's)
-            wrapper = kind_of("lora").wrapper(base, cfg, NoParallel())
+            # etp = 1: the expert's linear is whole on this rank (its "explicit expert comm" is the
+            # dispatcher's); etp > 1: its neurons are split over expert TP (layers/parallel.py)
+            place = (ExpertTPPlacement(base, fc1_stride(expert) if name == "linear_fc1" else None)
+                     if etp > 1 else NoParallel())
+            wrapper = kind_of("lora").wrapper(base, cfg, place)
             wrapper.adapter_prefix = (f"decoder.layers.{layer}.mlp.experts.local_experts."
                                       f"{moe.local_expert_indices[local]}.{name}")
             wrapper.layer_number = layer
             wrapper.init_adapters(cfg.seed)
+            mark_parallel_attributes(wrapper)  # the split factor's tensor_model_parallel (grad norm)
             for param in wrapper.lora.parameters():
                 param.allreduce = getattr(base.weight, "allreduce", True)
             setattr(expert, name, wrapper)

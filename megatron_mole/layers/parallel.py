@@ -122,7 +122,7 @@ class TPPlacement(NoParallel):
     column, in for row); ``stride`` applies to the out dim of column bases.
     """
 
-    def __init__(self, base, stride: Optional[int] = None):
+    def __init__(self, base, stride: Optional[int] = None, expert: bool = False):
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
         if isinstance(base, ColumnParallelLinear):
@@ -138,9 +138,9 @@ class TPPlacement(NoParallel):
         else:
             raise TypeError(f"adapter base must be Megatron's ColumnParallelLinear or "
                             f"RowParallelLinear, got {type(base).__name__}")
-        if getattr(base, "explicit_expert_comm", False):
+        if getattr(base, "explicit_expert_comm", False) and not expert:
             raise NotImplementedError("linears inside MoE experts (is_expert with TP/EP > 1) are not "
-                                      "supported adapter bases")
+                                      "supported adapter bases (ExpertTPPlacement is, for a plain LoRA)")
         self.group = base.tp_group
         self.tp_size = self.group.size()
         self.tp_rank = self.group.rank()
@@ -281,6 +281,42 @@ class TPPlacement(NoParallel):
         # rank r holds chunks r, r + tp, ... (stride of them): interleave back
         chunks = [p.chunk(stride, dim=dim) for p in pieces]
         return torch.cat([chunks[r][j] for j in range(stride) for r in range(self.tp_size)], dim=dim)
+
+
+class ExpertTPPlacement(TPPlacement):
+    """Placement for a plain LoRA around a Megatron MoE expert's linear split over expert
+    tensor parallelism (``explicit_expert_comm``; ``base.tp_group`` is the expert-TP group).
+
+    Such a linear does no communication itself: the token dispatcher has already gathered
+    the tokens (every expert-TP rank sees the same rows), the row-parallel fc2's output is
+    left a partial sum that the dispatcher's combine reduce-scatters, and the column fc1's
+    input gradient is a partial sum the dispatcher's gather backward reduce-scatters. The
+    adapter keeps both conventions, and every replicated factor's gradient complete and
+    identical on the expert-TP ranks (no extra grad reduction, as for dense bases):
+    column (A replicated, B split like W with its stride): ``copy_to`` on the r-dim
+    activation (complete gradient of A), the adapter's complete input gradient divided by
+    tp (it enters the dispatcher's sum over ranks); row (A split along in, B replicated):
+    the partial r-dim activation all-reduced, the complete output divided by tp (it
+    enters the dispatcher's sum; its gradient, the all-gathered output gradient, kept).
+    Division by a power-of-two tp is exact. No sequence-parallel collectives here."""
+
+    def __init__(self, base, stride: Optional[int] = None):
+        super().__init__(base, stride, expert=True)
+        self.sequence_parallel = False  # the dispatcher did the sequence-parallel gather
+
+    def adapter_input(self, x):
+        return self.scale_shared_grad(x) if self.kind == "column" and self.tp_size > 1 else x
+
+    def adapter_output(self, y):
+        return self.share_into_partial(y) if self.kind == "row" and self.tp_size > 1 else y
+
+    def output_is_local(self):
+        return not (self.kind == "row" and self.tp_size > 1)
+
+    def dropout(self, x, p: float, training: bool):
+        if p and training and self.tp_size > 1:
+            raise NotImplementedError("dropout on expert-TP adapters is not implemented")
+        return x
 
 
 def placement_for(base: Optional[torch.nn.Module], stride: Optional[int] = None):
