@@ -1,5 +1,5 @@
 """FactorLLM: factorisation, the Prior-Approximate loss, training at EP1/EP2/PP2/TP2(+SP) and EP2 with full recompute,
-LoRA adapters on the frozen experts, resume from training checkpoints.
+LoRA adapters on the frozen experts (EP1/EP2/TP2), resume from training checkpoints.
 
 References are independent of the code under test: the dense model's own logits
 (Megatron's dense GPTModel), a per-token hand computation of KL(p || q) in plain Python

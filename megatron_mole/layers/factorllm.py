@@ -245,7 +245,9 @@ class _PAHook:
 def _expert_adapters(moe, layer: int, cfg) -> None:
     """A LoRA (kind ``lora``, layers/linear.py: ``W x + (alpha/r) B A x``) on fc1 and/or fc2 (those
     in ``cfg.targets``) of this rank's experts, named and seeded by the global expert id (so
-    every EP layout starts alike), reduced like the expert weights they adapt (``allreduce``)."""
+    every EP layout starts alike), reduced like the expert weights they adapt (``allreduce``). At expert
+    TP > 1 the LoRA is split like its expert's neurons (``ExpertTPPlacement``, layers/parallel.py), so
+    :func:`merged_expert_adapters` merges each rank's weight shard with its shard of ``B A``."""
     from megatron_mole.layers.parallel import ExpertTPPlacement, NoParallel, fc1_stride
     from megatron_mole.layers.specs import kind_of
     from megatron_mole.model import mark_parallel_attributes

@@ -20,6 +20,9 @@ params ``sequence_parallel``: their gradients are already complete and
 identical on every TP rank, and Megatron's finalize_model_grads would sum them
 again over TP.
 
+Linears inside MoE experts (split over the expert-TP group, no communication of their own:
+the token dispatcher's) take :class:`ExpertTPPlacement` (plain LoRA only; see its docstring).
+
 :class:`NoParallel` is the single-device placement (all identities), used for
 plain ``nn.Linear`` bases (Hugging Face inference, plain-PyTorch tests).
 
@@ -314,8 +317,8 @@ class ExpertTPPlacement(TPPlacement):
         return not (self.kind == "row" and self.tp_size > 1)
 
     def dropout(self, x, p: float, training: bool):
-        if p and training and self.tp_size > 1:
-            raise NotImplementedError("dropout on expert-TP adapters is not implemented")
+        if p and training:  # FactorLLM refuses it first (its PA errors must not be random)
+            raise NotImplementedError("dropout on adapters of expert linears is not implemented")
         return x
 
 
