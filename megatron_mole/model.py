@@ -42,7 +42,7 @@ from torch import nn
 from megatron_mole.config import MoLEConfig
 from megatron_mole.errors import ConfigError
 from megatron_mole.layers import METHODS
-from megatron_mole.layers.base import AdapterWrapper
+from megatron_mole.layers.base import AdapterWrapper, mark_parallel_attributes
 from megatron_mole.layers.context import install_context_hooks
 from megatron_mole.layers.parallel import fc1_stride, placement_for
 from megatron_mole.layers.specs import kind_of
@@ -341,20 +341,6 @@ def _embedding_output_requires_grad(module, args, output):
             and isinstance(output, torch.Tensor) and not output.requires_grad):
         return output.detach().requires_grad_(True)
     return output
-
-
-def mark_parallel_attributes(wrapper: AdapterWrapper) -> None:
-    """TP-split adapter params carry Megatron's tensor-parallel attributes so
-    grad-norm clipping counts them on every TP rank (replicated ones once);
-    expert-parallel ones Megatron's ``allreduce=False``, so its DDP reduces them
-    over the expert-data-parallel group."""
-    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-    for t in wrapper.adapter_tensors():
-        if t.experts.size > 1:
-            t.param.allreduce = False
-        if t.split_dim is not None and t.placement.tp_size > 1:
-            stride = t.placement.stride if t.placement.kind == "column" else 1
-            set_tensor_model_parallel_attributes(t.param, True, t.split_dim, stride)
 
 
 # ---------------------------------------------------------------- state dicts

@@ -63,7 +63,7 @@ def _worker(args):
     from megatron_mole.dispatch import alltoall
     from megatron_mole.dispatch.cost import choose_dispatch
     from megatron_mole.layers.mole_mlp import MoLEMLP
-    from megatron_mole.model import mark_parallel_attributes
+    from megatron_mole.layers.base import mark_parallel_attributes
     from megatron_mole.runtime import set_model_parallel
 
     info = mm.init_distributed(device=args.device)

@@ -136,3 +136,16 @@ class AdapterWrapper(nn.Module):
                 continue
             self._copy_full(t, sd[name])
 
+
+def mark_parallel_attributes(wrapper: AdapterWrapper) -> None:
+    """TP-split adapter params carry Megatron's tensor-parallel attributes so
+    grad-norm clipping counts them on every TP rank (replicated ones once);
+    expert-parallel ones Megatron's ``allreduce=False``, so its DDP reduces them
+    over the expert-data-parallel group."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+    for t in wrapper.adapter_tensors():
+        if t.experts.size > 1:
+            t.param.allreduce = False
+        if t.split_dim is not None and t.placement.tp_size > 1:
+            stride = t.placement.stride if t.placement.kind == "column" else 1
+            set_tensor_model_parallel_attributes(t.param, True, t.split_dim, stride)

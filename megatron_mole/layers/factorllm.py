@@ -250,7 +250,7 @@ def _expert_adapters(moe, layer: int, cfg) -> None:
     :func:`merged_expert_adapters` merges each rank's weight shard with its shard of ``B A``."""
     from megatron_mole.layers.parallel import ExpertTPPlacement, NoParallel, fc1_stride
     from megatron_mole.layers.specs import kind_of
-    from megatron_mole.model import mark_parallel_attributes
+    from megatron_mole.layers.base import mark_parallel_attributes
 
     etp = moe.experts.tp_group.size() if getattr(moe.experts, "tp_group", None) is not None else 1
     if cfg.dropout:
