@@ -218,8 +218,10 @@ def _adapter_runs(work, tokens, pos):
                          "EP2": {"parallel__ep": 2},
                          # the experts' neurons split over expert TP: fc1's LoRA B and fc2's LoRA A sharded
                          "TP2": {"parallel__tp": 2, "checkpoint__save_dir": str(work / "save_adapters_tp2")}}.items():
+        # clip_grad far above the norm: Megatron computes the global grad norm (which must count the
+        # split and the replicated adapter factors right at every layout) without clipping
         trainer = Trainer(_train_cfg(work, factorllm__trainable="adapters+routers", mole__rank=4, mole__alpha=8.0,
-                                     **layout))
+                                     optimizer__clip_grad=1.0e9, **layout))
 
         def params():
             return {n: p.detach().clone() for ddp in trainer.model for n, p in ddp.module.named_parameters()}
@@ -227,6 +229,7 @@ def _adapter_runs(work, tokens, pos):
         before = params()
         records = trainer.run().records
         out[name], out["aux_" + name] = [r["loss"] for r in records], records[-1]["aux"]
+        out["grad_norm_" + name] = [r["grad_norm"] for r in records]
         if name == "TP2":  # the merged export saved at TP2 is the model saved at TP1
             from megatron_mole.checkpoint.mcore import load_model
 
@@ -353,6 +356,10 @@ def test_adapters_on_frozen_experts(launched):
     for other in ("EP2", "TP2"):
         for a, b in zip(ad["EP1"], ad[other]):
             assert abs(a - b) <= 1e-5 * abs(a), (other, ad)
+        # the global grad norm (what clipping scales by) counts each adapter factor once at any layout
+        print("grad norms", other, ad["grad_norm_EP1"], ad["grad_norm_" + other])
+        for a, b in zip(ad["grad_norm_EP1"], ad["grad_norm_" + other]):
+            assert a is not None and a > 0 and abs(a - b) <= 1e-5 * a, (other, ad["grad_norm_EP1"], ad["grad_norm_" + other])
     # TP2 saved the merged model per expert-TP shard: the same expert weights as EP1's (fc1 and fc2, 2 layers)
     assert len(ad["tp2_saved_diff"]) == 16 and max(ad["tp2_saved_diff"].values()) <= 1e-6, ad["tp2_saved_diff"]
     refused = ad["refused"]
