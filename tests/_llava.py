@@ -55,34 +55,19 @@ def llava_batches(spec, steps: int, global_batch: int, text_len: int = 8, seed: 
 
 def train_llava(model, batches, lr: float = 0.1, after_step=None):
     """SGD on ``batches`` through Megatron's schedule with its DDP; returns the per-step mean losses."""
-    import torch
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_mole.checkpoint.llava_run import combined_length, llava_forward_step, schedule_seq_length
     from megatron_mole.routing import set_aux_loss_scale
-    from tools.smoke import _global_mean_loss, wrap_ddp
+    from tools.smoke import sgd_train
 
-    config = model.language_model.config
-    spec_tokens = model.image_token_index
-    ddp = wrap_ddp(model, config)
-    params = [p for p in ddp.parameters() if p.requires_grad]
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    losses = []
-    for global_batch in batches:
+
+    def prepare(global_batch):
         share = len(global_batch) // dp
         micro = global_batch[dp_rank * share:(dp_rank + 1) * share]
-        combined = combined_length(micro[0]["input_ids"], spec_tokens, model.img_seq_len)
+        combined = combined_length(micro[0]["input_ids"], model.image_token_index, model.img_seq_len)
         set_aux_loss_scale(1.0 / len(micro))  # as Megatron's schedules scale the main loss
-        ddp.zero_grad_buffer()
-        reduced = get_forward_backward_func()(
-            forward_step_func=llava_forward_step, data_iterator=iter(micro), model=[ddp],
-            num_microbatches=len(micro), seq_length=schedule_seq_length(model, combined), micro_batch_size=1,
-            forward_only=False)
-        with torch.no_grad():
-            for p in params:
-                p.add_(p.main_grad, alpha=-lr)
-        if after_step is not None:
-            after_step(model)
-        losses.append(_global_mean_loss(reduced))
-    return losses
+        return micro, schedule_seq_length(model, combined), 1
+
+    return sgd_train(model, model.language_model.config, batches, prepare, llava_forward_step, lr, after_step)

@@ -127,6 +127,14 @@ def loss_func(loss_mask, output_tensor):
     return loss, {"loss": loss.detach().clone()}
 
 
+def _gpt_forward_step(data_iterator, chunk):
+    tokens = next(data_iterator)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    position_ids = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand_as(inputs)
+    out = chunk(inputs, position_ids, None, labels=labels)
+    return out, partial(loss_func, torch.ones_like(labels, dtype=torch.float32))
+
+
 def train(model, config, batches, lr=0.5, micro_batch_size=1, after_step=None):
     """SGD on the global batches ``batches[step]`` [B, S+1]; returns the per-step mean losses.
 
@@ -135,31 +143,35 @@ def train(model, config, batches, lr=0.5, micro_batch_size=1, after_step=None):
     after each update (e.g. ``megatron_mole.model.update_global_balance``).
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+
+    def prepare(global_batch):
+        local = global_batch.chunk(dp, 0)[dp_rank]
+        return list(local.split(micro_batch_size, 0)), local.shape[1] - 1, micro_batch_size
+
+    return sgd_train(model, config, batches, prepare, _gpt_forward_step, lr, after_step)
+
+
+def sgd_train(model, config, batches, prepare, forward_step, lr, after_step=None):
+    """SGD through Megatron's schedule and DDP; returns the per-step mean losses (over micro-batches
+    and DP ranks). ``prepare(global_batch)`` -> (this rank's micro-batches, schedule seq_length,
+    micro-batch size); ``forward_step`` is the schedule's forward-step function."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
     ddp = wrap_ddp(model, config)
     params = [p for p in ddp.parameters() if p.requires_grad]
     forward_backward = get_forward_backward_func()
     losses = []
     for global_batch in batches:
-        local = global_batch.chunk(dp, 0)[dp_rank]
-        micro = list(local.split(micro_batch_size, 0))
-
-        def forward_step(data_iterator, chunk):
-            tokens = next(data_iterator)
-            inputs, labels = tokens[:, :-1], tokens[:, 1:]
-            position_ids = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand_as(inputs)
-            out = chunk(inputs, position_ids, None, labels=labels)
-            return out, partial(loss_func, torch.ones_like(labels, dtype=torch.float32))
-
+        micro, seq_length, micro_batch_size = prepare(global_batch)
         ddp.zero_grad_buffer()
         reduced = forward_backward(
             forward_step_func=forward_step,
             data_iterator=iter(micro),
             model=[ddp],
             num_microbatches=len(micro),
-            seq_length=local.shape[1] - 1,
+            seq_length=seq_length,
             micro_batch_size=micro_batch_size,
             forward_only=False,
         )
