@@ -325,23 +325,23 @@ class Trainer:
         extra = self.family.state(self)  # a LLaVA base: projector, Parrot
         if extra is not None:
             shared["multimodal"] = extra
+        collective = None
         if self.tune_routers:  # the tuned router weights; no optimizer state (not resumable)
             from megatron_mole.model import base_router_state_dict
 
             shared["base_routers"] = base_router_state_dict(self.model)
-            return ckpt_io.save_checkpoint(ck.save_dir, self.step, rank_payload, shared_payload=shared, rank=self.rank,
-                                           world_size=self.info.world_size, barrier=dist.barrier if dist.is_initialized()
-                                           else None, keep_last=ck.keep_last)
-        shared["optimizer"] = {"format": "megatron dist_checkpointing torch_dist, " + optim_state.METADATA[
-            "distrib_optim_sharding_type"], "adam_step": optim_state.adam_step(self.optimizer)}
-        shared["factorllm"] = self.factorllm
-        barrier = dist.barrier if dist.is_initialized() else None
+        else:
+            shared["optimizer"] = {"format": "megatron dist_checkpointing torch_dist, " + optim_state.METADATA[
+                "distrib_optim_sharding_type"], "adam_step": optim_state.adam_step(self.optimizer)}
+            shared["factorllm"] = self.factorllm
+
+            def collective(directory):
+                optim_state.save_optimizer_state(self.optimizer, self.model, directory, extra=self._trained_params(),
+                                                 params=self._trained_params(adapters=True))
         path = ckpt_io.save_checkpoint(
             ck.save_dir, self.step, rank_payload, shared_payload=shared, rank=self.rank,
-            world_size=self.info.world_size, barrier=barrier, keep_last=ck.keep_last,
-            collective=lambda directory: optim_state.save_optimizer_state(
-                self.optimizer, self.model, directory, extra=self._trained_params(),
-                params=self._trained_params(adapters=True)))
+            world_size=self.info.world_size, barrier=dist.barrier if dist.is_initialized() else None,
+            keep_last=ck.keep_last, collective=collective)
         return self._save_factorllm() if self.factorllm else path
 
     def _save_factorllm(self) -> Path:
