@@ -86,10 +86,11 @@ def pattern_matches(pattern: str, path: str) -> bool:
     return re.fullmatch(regex, path + ".") is not None
 
 
-def _global_paths(model: nn.Module) -> Dict[str, str]:
-    """local module path -> path with global (GPT) layer indices (and no wrapper
-    ``module.`` prefixes). A HybridModel's layers map to the GPT layer they are half of
-    (runtime/hybrid.py), so both bases share target patterns and adapter names."""
+def global_module_paths(model: nn.Module) -> Dict[str, str]:
+    """local module path -> path with global (GPT) layer indices and global expert ids (and no
+    wrapper ``module.`` prefixes): the names adapters and analysis reports use. A HybridModel's
+    layers map to the GPT layer they are half of (runtime/hybrid.py), so both bases share target
+    patterns and adapter names."""
     modules = dict(model.named_modules())
     layer_prefix = {}
     for path, mod in modules.items():
@@ -129,12 +130,6 @@ def _global_expert_id(global_path: str, local_path: str, modules) -> str:
         if parallel_state.model_parallel_is_initialized():
             rank = parallel_state.get_expert_model_parallel_rank()
     return global_path[:match.start(2)] + str(rank * num_local + int(match.group(2))) + global_path[match.end(2):]
-
-
-def global_module_paths(model: nn.Module) -> Dict[str, str]:
-    """``{local module path: global path}`` (global layer indices, no wrapper ``module.``
-    prefixes): the names adapters and analysis reports use."""
-    return _global_paths(model)
 
 
 def _layer_index(global_path: str) -> Optional[int]:
@@ -195,7 +190,7 @@ def apply_mole(model: nn.Module, cfg: MoLEConfig, options=None) -> nn.Module:
         # a mixed base such as Qwen2-MoE has num_moe_experts set and gets MoLE there, as PERFT says)
         raise ConfigError(f"MoLEConfig.method={cfg.method!r} adapts the MoE blocks of an MoE base; this base "
                           f"has no MoE layers (num_moe_experts is unset): use method 'mole'")
-    gpaths = _global_paths(model)
+    gpaths = global_module_paths(model)
     modules = dict(model.named_modules())
     hits = {p: [] for p in cfg.targets}
     for path, mod in modules.items():
@@ -539,7 +534,7 @@ def base_routers(model) -> Dict[str, nn.Module]:
 
     out = {}
     for chunk in _chunks(model):
-        paths = _global_paths(chunk)
+        paths = global_module_paths(chunk)
         for local, module in chunk.named_modules():
             if isinstance(module, TopKRouter):
                 out[paths[local]] = module
