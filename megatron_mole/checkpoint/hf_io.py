@@ -172,10 +172,10 @@ class HFCheckpoint(contextlib.AbstractContextManager):
 
     def get(self, key: str) -> torch.Tensor:
         entry, name = self._entry(key), self.weight_map[key]
-        begin, end = entry["data_offsets"]
+        begin, end = self._range(key)
         buffer = bytearray(end - begin)
         with open(os.path.join(self.directory, name), "rb") as f:
-            f.seek(self._data_start[name] + begin)
+            f.seek(begin)
             if f.readinto(buffer) != len(buffer):
                 raise CheckpointError(f"tensor {key!r}: {name} ended before its data")
         if not buffer:
